@@ -1,0 +1,108 @@
+"""Input checks for the ReFT edit ops: bad input becomes a TypeError or ValueError that names the
+argument and what was expected, before any kernel runs.
+
+Position values. Checking that every position lies in [-1, T) needs the values on the host. When
+positions are on the CPU (the common case for Python callers) the check is free and always done.
+When they are already on the GPU it would cost a device-to-host sync per call, so it is skipped unless
+REFT_KERNELS_CHECK_POSITIONS=1 (or `check_positions=True` is passed); the kernels then treat any
+out-of-range position like -1 (no edit), so a bad index can never touch memory outside hidden.
+Inside torch.compile no value is checked (reading one would break the graph).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+CHECK_POSITIONS_ENV = "REFT_KERNELS_CHECK_POSITIONS"
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _need_tensor(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _need_float(x: torch.Tensor, name: str, allowed) -> None:
+    if x.dtype not in allowed:
+        raise TypeError(f"{name} must have a dtype in {[str(d) for d in allowed]}, got {x.dtype}")
+
+
+def check_hidden_is_tensor(hidden) -> None:
+    _need_tensor(hidden, "hidden")
+
+
+def check_hidden(hidden, backend: str) -> None:
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, d], got shape {tuple(hidden.shape)}")
+    allowed = KERNEL_DTYPES if backend == "triton" else KERNEL_DTYPES + (torch.float64,)
+    _need_float(hidden, "hidden", allowed)
+    # (not traceable: under torch.compile this check runs in eager calls only)
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(hidden) == 1:
+        raise ValueError(
+            "hidden has overlapping memory (an expanded or stride-0 view); the edit is written in place, "
+            "so pass a tensor whose elements are distinct (e.g. hidden.contiguous())"
+        )
+    if hidden.is_leaf and hidden.requires_grad:
+        raise ValueError(
+            "hidden is a leaf tensor that requires grad; the edit is written in place, which autograd "
+            "forbids on leaves. Pass a non-leaf (e.g. hidden.clone())"
+        )
+
+
+def check_positions(positions, hidden: torch.Tensor, check_values: Optional[bool]) -> torch.Tensor:
+    """Checks positions [B, P] and returns them on hidden's device."""
+    _need_tensor(positions, "positions")
+    if positions.dtype not in INDEX_DTYPES:
+        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+    B, T, _ = hidden.shape
+    if positions.dim() != 2 or positions.shape[0] != B:
+        raise ValueError(f"positions must be [B, P] with B={B} (hidden's batch), got shape {tuple(positions.shape)}")
+    if positions.device != hidden.device and positions.device.type != "cpu":
+        raise ValueError(f"positions must be on the CPU or on hidden's device {hidden.device}, got {positions.device}")
+    if check_values is None:
+        check_values = positions.device.type == "cpu" or os.environ.get(CHECK_POSITIONS_ENV) == "1"
+    if torch.compiler.is_compiling():
+        check_values = False  # reading values would break the graph; the kernels mask bad positions
+    if check_values and positions.numel() > 0:
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < -1 or hi >= T:
+            raise ValueError(f"positions must lie in [-1, T) with T={T} (-1 = no edit), got values in [{lo}, {hi}]")
+    if positions.device != hidden.device:
+        positions = positions.to(hidden.device, non_blocking=True)
+    return positions
+
+
+def check_matrix(x, name: str, hidden: torch.Tensor, r: Optional[int]) -> int:
+    """Checks a [r, d] parameter; returns r."""
+    _need_tensor(x, name)
+    d = hidden.shape[-1]
+    if x.dim() != 2 or x.shape[1] != d or (r is not None and x.shape[0] != r):
+        want = f"[{r if r is not None else 'r'}, {d}]"
+        raise ValueError(f"{name} must be {want} (d = hidden.shape[-1]), got shape {tuple(x.shape)}")
+    if not 1 <= x.shape[0] <= d:
+        raise ValueError(f"{name} must have 1 <= r <= d={d} rows, got r={x.shape[0]}")
+    _need_float(x, name, KERNEL_DTYPES + (torch.float64,))
+    if x.device != hidden.device:
+        raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {x.device}")
+    return x.shape[0]
+
+
+def check_vector(x, name: str, hidden: torch.Tensor, r: int) -> None:
+    _need_tensor(x, name)
+    if x.shape != (r,):
+        raise ValueError(f"{name} must be [{r}] (r), got shape {tuple(x.shape)}")
+    _need_float(x, name, KERNEL_DTYPES + (torch.float64,))
+    if x.device != hidden.device:
+        raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {x.device}")
+
+
+def check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    return float(dropout)

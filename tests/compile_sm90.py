@@ -1,0 +1,91 @@
+"""Compiles every fused kernel ahead of time for an sm_90 (H100/H200) target, without a GPU, for the
+block shapes the GPU launchers choose. Catches what only the GPU compiler rejects (tl.dot shapes,
+shared-memory overflow) on machines that only run the interpreter. Prints one line per variant and
+exits non-zero on any failure. Run without TRITON_INTERPRET (test_compile_sm90.py does that)."""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from reft_kernels.ops import fused_edit as fe  # noqa: E402
+
+SMEM_LIMIT = 227 * 1024  # largest dynamic shared memory per block on sm_90
+D = 4096
+
+
+def _signature(kernel, pointers, constexprs):
+    sig = {}
+    for p in kernel.params:
+        if p.name in constexprs:
+            sig[p.name] = "constexpr"
+        elif p.name in pointers:
+            sig[p.name] = pointers[p.name]
+        elif p.name == "p_drop":
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    return sig
+
+
+def _compile(job):
+    name, hidden_dtype, r, flags = job[:4]
+    d = job[4] if len(job) > 4 else D
+    cfg = fe.gpu_launch_config(d, r, 16)
+    kernel = getattr(fe, name)
+    rows = "rows" in name
+    h = {"bf16": "*bf16", "fp32": "*fp32"}[hidden_dtype]
+    pointers = dict(X=h, DY=h, DX=h, U=h, SAVED=h, POS="*i64", L="*fp32", W="*bf16", BIAS="*fp32", PBIAS="*fp32",
+                    STATS="*fp32", SCRATCH="*fp32", ITEM_SLOT="*i32", PART="*fp32", OUT="*fp32")
+    if rows:
+        block_n, block_d, warps, stages = cfg.rows_block_n, fe._next_pow2(d), cfg.rows_warps, 1
+    elif name == "_edit_fwd_kernel":
+        block_n, block_d, warps, stages = cfg.fwd_block_n, cfg.fwd_block_d, cfg.fwd_warps, cfg.fwd_stages
+    else:
+        block_n, block_d, warps, stages = cfg.bwd_block_n, cfg.bwd_block_d, cfg.bwd_warps, cfg.bwd_stages
+    const = dict(R_PAD=fe.r_pad(r), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_P=cfg.block_p,
+                 DOT_PRECISION="ieee" if hidden_dtype == "fp32" else "tf32", BLOCK=1024,
+                 EVICT_KEEP="evict_last", EVICT_STREAM="evict_first", **flags)
+    const = {k: v for k, v in const.items() if k in kernel.arg_names}
+    src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, const),
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+    try:
+        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        smem = cc.metadata.shared
+        ok = smem <= SMEM_LIMIT
+        return ok, f"{'ok  ' if ok else 'FAIL'} {name} {hidden_dtype} r={r} d={d} {flags} smem={smem}"
+    except Exception as e:  # report every failing variant, not only the first
+        return False, f"FAIL {name} {hidden_dtype} r={r} d={d} {flags}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
+def jobs():
+    kinds = [dict(SOURCE_LINEAR=True, SUBTRACT_PROJ=True, HAS_PROJ_BIAS=False),   # LoReFT
+             dict(SOURCE_LINEAR=True, SUBTRACT_PROJ=False, HAS_PROJ_BIAS=False)]  # DiReFT
+    for dt, r, kind in itertools.product(["bf16", "fp32"], [1, 64, 256], kinds):
+        yield "_edit_fwd_kernel", dt, r, dict(kind, ACT=3, DROPOUT=True, SAVE_ROWS=True, SAVE_STATS=True)
+        yield "_edit_bwd_project_kernel", dt, r, dict(SOURCE_LINEAR=True, ACT=3, DROPOUT=True, ROW_MAJOR=True)
+        for recompute, row_major in [(True, True), (False, False)]:
+            yield "_edit_bwd_main_kernel", dt, r, dict(kind, DROPOUT=not recompute, RECOMPUTE=recompute,
+                                                       ROW_MAJOR=row_major, WRITE_DX=row_major)
+    # the row-resident kernels (r <= 16): whole rows in registers, up to d = 16384
+    for dt, r, d, kind in itertools.product(["bf16", "fp32"], [1, 16], [4096, 16384], kinds):
+        yield "_edit_fwd_rows_kernel", dt, r, dict(kind, ACT=3, DROPOUT=True, SAVE_ROWS=True, SAVE_STATS=True), d
+        yield "_edit_bwd_project_rows_kernel", dt, r, dict(SOURCE_LINEAR=True, ACT=3, DROPOUT=True, ROW_MAJOR=True), d
+    yield "_sum_partials_kernel", "fp32", 4, {}
+
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(max_workers=int(os.environ.get("COMPILE_WORKERS", "2"))) as pool:
+        results = list(pool.map(_compile, list(jobs())))
+    for _, line in results:
+        print(line)
+    failed = sum(not ok for ok, _ in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
