@@ -26,6 +26,7 @@ import types
 import torch
 
 import reft_kernels as rk
+from reft_kernels.ops import fused_edit as fe
 
 from . import harness as H
 
@@ -168,8 +169,6 @@ def small_n(N=64, d=4096, r=4, dtype=torch.bfloat16, calls=200):
     import triton
     import triton.language as tl
 
-    from reft_kernels.ops import fused_edit as fe
-
     case = Case(N, d, r, dtype, "cuda")
     fwd, fb = _fused(case, "triton")
     res = {"N": N}
@@ -217,7 +216,7 @@ def small_n(N=64, d=4096, r=4, dtype=torch.bfloat16, calls=200):
 
 def _sweep_configs():
     """Variants around the defaults, so a rerun on another GPU shows whether they still hold."""
-    C = fe_config()
+    C = fe.LaunchConfig
     always_rows = 10**9
     fwd = {
         "default": C(rows=True),
@@ -236,16 +235,8 @@ def _sweep_configs():
     return fwd, bwd
 
 
-def fe_config():
-    from reft_kernels.ops import fused_edit as fe
-
-    return fe.LaunchConfig
-
-
 def tune(ns=(64, 1024, 16384, 131072), d=4096, r=4, dtype=torch.bfloat16):
     """Block-shape sweep at the launcher level (no autograd), forward and backward separately."""
-    from reft_kernels.ops import fused_edit as fe
-
     spec = fe.EditSpec(True, True, "identity")
     fwd_cfgs, bwd_cfgs = _sweep_configs()
     out = []

@@ -17,7 +17,7 @@ BACKEND_ENV = "REFT_KERNELS_BACKEND"
 BACKENDS = ("triton", "torch")
 
 try:
-    import triton  # noqa: F401
+    import triton  # noqa: F401  (availability probe)
 
     HAS_TRITON = True
 except ImportError:

@@ -8,7 +8,7 @@ import torch
 import reft_kernels as rk
 from conftest import DEVICE
 from helpers import assert_close, make_params
-from test_fused_edit import BACKENDS, KINDS, OPS, run_op, run_reference
+from test_fused_edit import BACKENDS, KINDS, run_op, run_reference
 
 P_DROP = 0.3
 

@@ -1,15 +1,13 @@
 """Forward and every gradient of loreft/direft, both backends, against a float64 row-by-row reference."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import reft_kernels as rk
 from reft_kernels.ops import activations, fused_edit
 from conftest import DEVICE
-from helpers import DTYPES, TOLERANCE, assert_close, make_params, reference_edit
+from helpers import DTYPES, assert_close, make_params, reference_edit
 
 BACKENDS = ["torch", "triton"]
 KINDS = ["loreft", "direft"]

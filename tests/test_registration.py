@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import reft_kernels as rk
-from reft_kernels.ops import fused_edit
 from conftest import DEVICE
 from helpers import assert_close, make_params
 
