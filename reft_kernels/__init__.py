@@ -1,11 +1,20 @@
 """reft-kernels: fused GPU kernels for ReFT (representation finetuning).
 
-    import reft_kernels
-    hidden = reft_kernels.loreft(hidden, positions, R, W, b)      # LoReFT, in place
-    hidden = reft_kernels.direft(hidden, positions, W1, b, W2)    # DiReFT, in place
+    import reft_kernels as rk
+    hidden = rk.loreft(hidden, positions, R, W, b)      # the fused ops: LoReFT, in place
+    hidden = rk.direft(hidden, positions, W1, b, W2)    # DiReFT (the paper's), in place
+    edit = rk.LoReFT(4096, 4)                           # modules: LoReFT, NoReFT, ConsReFT, LobiReFT,
+    hidden = edit(hidden, positions)                    #   DiReFT, OrthoDiReFT
+    with rk.orthonormal_batch(model): ...               # every R of a model in one batched computation
 """
 from .backend import BACKEND_ENV
-from .ops import EditSpec, direft, loreft, reft_edit
+from .modules import (BY_PYREFT_NAME, INTERVENTIONS, ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT, OrthoDiReFT,
+                      Orthonormal, ReftIntervention, orthonormal_batch, orthonormality_error)
+from .ops import EditSpec, direft, loreft, orthonormalize, reft_edit
 
 __version__ = "0.1.0"
-__all__ = ["BACKEND_ENV", "EditSpec", "direft", "loreft", "reft_edit", "__version__"]
+__all__ = [
+    "BACKEND_ENV", "BY_PYREFT_NAME", "ConsReFT", "DiReFT", "EditSpec", "INTERVENTIONS", "LoReFT", "LobiReFT",
+    "NoReFT", "OrthoDiReFT", "Orthonormal", "ReftIntervention", "direft", "loreft", "orthonormal_batch",
+    "orthonormality_error", "orthonormalize", "reft_edit", "__version__",
+]

@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from reft_kernels.ops import fused_edit as fe  # noqa: E402
+from reft_kernels.ops import orthonormal as orth  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024  # largest dynamic shared memory per block on sm_90
 D = 4096
@@ -38,6 +39,8 @@ def _signature(kernel, pointers, constexprs):
 def _compile(job):
     name, hidden_dtype, r, flags = job[:4]
     d = job[4] if len(job) > 4 else D
+    if name.startswith("_gram") or name.startswith("_cholqr"):
+        return _compile_orthonormal(name, r, d)
     cfg = fe.gpu_launch_config(d, r, 16)
     kernel = getattr(fe, name)
     rows = "rows" in name
@@ -65,25 +68,65 @@ def _compile(job):
         return False, f"FAIL {name} {hidden_dtype} r={r} d={d} {flags}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
 
 
+def _compile_orthonormal(name, r, d):
+    kernel = getattr(orth, name)
+    block_d, cols = orth.launch_blocks(d, True)
+    rp = orth.r_pad(r)
+    const = dict(COLS=cols, BLOCK_D=block_d, R_PAD=rp)
+    pointers = {name: "*fp32" for name in ("A", "B", "PART", "Q", "CINV", "GQ", "GA")}
+    src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, const),
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+    warps = 4 if rp <= 32 or name == "_gram_partial_kernel" else 8
+    try:
+        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+        ok = cc.metadata.shared <= SMEM_LIMIT
+        return ok, f"{'ok  ' if ok else 'FAIL'} {name} r={r} d={d} smem={cc.metadata.shared}"
+    except Exception as e:
+        return False, f"FAIL {name} r={r} d={d}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
+# the six intervention types: (SOURCE_LINEAR, SUBTRACT_PROJ, HAS_PROJ_BIAS)
+KINDS = {
+    "loreft": (True, True, False), "noreft": (True, True, True), "consreft": (False, True, False),
+    "lobireft": (False, False, False), "direft": (True, False, False),  # orthodireft: direft's flags
+}
+
+
 def jobs():
-    kinds = [dict(SOURCE_LINEAR=True, SUBTRACT_PROJ=True, HAS_PROJ_BIAS=False),   # LoReFT
-             dict(SOURCE_LINEAR=True, SUBTRACT_PROJ=False, HAS_PROJ_BIAS=False)]  # DiReFT
+    kinds = [dict(SOURCE_LINEAR=a, SUBTRACT_PROJ=b, HAS_PROJ_BIAS=c) for a, b, c in KINDS.values()]
     for dt, r, kind in itertools.product(["bf16", "fp32"], [1, 64, 256], kinds):
         yield "_edit_fwd_kernel", dt, r, dict(kind, ACT=3, DROPOUT=True, SAVE_ROWS=True, SAVE_STATS=True)
-        yield "_edit_bwd_project_kernel", dt, r, dict(SOURCE_LINEAR=True, ACT=3, DROPOUT=True, ROW_MAJOR=True)
+        yield "_edit_bwd_project_kernel", dt, r, dict(SOURCE_LINEAR=kind["SOURCE_LINEAR"], ACT=3, DROPOUT=True,
+                                                      ROW_MAJOR=True)
         for recompute, row_major in [(True, True), (False, False)]:
             yield "_edit_bwd_main_kernel", dt, r, dict(kind, DROPOUT=not recompute, RECOMPUTE=recompute,
                                                        ROW_MAJOR=row_major, WRITE_DX=row_major)
     # the row-resident kernels (r <= 16): whole rows in registers, up to d = 16384
     for dt, r, d, kind in itertools.product(["bf16", "fp32"], [1, 16], [4096, 16384], kinds):
         yield "_edit_fwd_rows_kernel", dt, r, dict(kind, ACT=3, DROPOUT=True, SAVE_ROWS=True, SAVE_STATS=True), d
-        yield "_edit_bwd_project_rows_kernel", dt, r, dict(SOURCE_LINEAR=True, ACT=3, DROPOUT=True, ROW_MAJOR=True), d
+        yield "_edit_bwd_project_rows_kernel", dt, r, dict(SOURCE_LINEAR=kind["SOURCE_LINEAR"], ACT=3, DROPOUT=True,
+                                                           ROW_MAJOR=True), d
     yield "_sum_partials_kernel", "fp32", 4, {}
+    # the batched orthonormalization, up to the largest rank it serves
+    for name, r, d in itertools.product(["_gram_partial_kernel", "_cholqr_apply_kernel", "_cholqr_grad_kernel"],
+                                        [1, 4, 32, orth.MAX_TRITON_RANK], [100, 4096, 16384]):
+        yield name, "fp32", r, {}, d
+
+
+def unique_jobs():
+    """jobs() without repeats (the backward step 1 only depends on SOURCE_LINEAR among the type flags)."""
+    seen, out = set(), []
+    for job in jobs():
+        key = repr(job)
+        if key not in seen:
+            seen.add(key)
+            out.append(job)
+    return out
 
 
 if __name__ == "__main__":
     with ProcessPoolExecutor(max_workers=int(os.environ.get("COMPILE_WORKERS", "2"))) as pool:
-        results = list(pool.map(_compile, list(jobs())))
+        results = list(pool.map(_compile, unique_jobs()))
     for _, line in results:
         print(line)
     failed = sum(not ok for ok, _ in results)

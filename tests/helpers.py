@@ -55,8 +55,31 @@ def make_params(kind: str, r: int, d: int, gen: torch.Generator, dtype=torch.flo
 
 
 def reference_edit(kind, hidden, positions, params, act=None, keep=None, p=0.0):
-    """float64, row by row, out of place. keep: optional [B, P, d] dropout keep-mask (1 kept, 0 dropped)
-    indexed by the owning slot. Differentiable through torch autograd."""
+    """LoReFT (params R, W, b) or DiReFT (W1, b, W2) through reference_family."""
+    if kind == "loreft":
+        R, W, b = params
+        return reference_family("loreft", hidden, positions, R, W, b, act=act, keep=keep, p=p)
+    W1, b, W2 = params
+    return reference_family("direft", hidden, positions, W2, W1, b, act=act, keep=keep, p=p)
+
+
+# The six intervention types as (lift is orthonormal R, source is act(Wh + b), subtract L h (+ b2)).
+FAMILY = {
+    "loreft": (True, True, True),
+    "noreft": (False, True, True),
+    "consreft": (True, False, True),
+    "lobireft": (True, False, False),
+    "direft": (False, True, False),
+    "orthodireft": (True, True, False),
+}
+
+
+def reference_family(kind, hidden, positions, lift, weight, bias, proj_bias=None, act=None, keep=None, p=0.0):
+    """float64 row by row, out of place: the intervention formula of `kind` (FAMILY) written directly.
+    lift is R or W2 [r, d]; weight W [r, d] (None without a linear source); bias b; proj_bias b2.
+    keep: optional [B, P, d] dropout keep-mask (1 kept, 0 dropped) indexed by the owning slot.
+    Differentiable through torch autograd."""
+    _, source_linear, subtract = FAMILY[kind]
     f = (lambda z: z) if act in (None, "identity") else ACT2FN[act]
     out = hidden.clone()
     B, T, _ = hidden.shape
@@ -68,12 +91,10 @@ def reference_edit(kind, hidden, positions, params, act=None, keep=None, p=0.0):
                 continue
             seen.add(t)
             u = hidden[i, t]
-            if kind == "loreft":
-                R, W, b = params
-                y = u + R.t() @ (f(W @ u + b) - R @ u)
-            else:
-                W1, b, W2 = params
-                y = u + W2.t() @ f(W1 @ u + b)
+            s = f(weight @ u + bias) if source_linear else bias
+            if subtract:
+                s = s - (lift @ u + (proj_bias if proj_bias is not None else 0.0))
+            y = u + lift.t() @ s
             if keep is not None:
                 y = y * keep[i, j] / (1.0 - p)
             out[i, t] = y

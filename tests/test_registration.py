@@ -85,3 +85,40 @@ def test_eager_path_bypasses_the_dispatcher_but_bumps_the_version():
     v0 = hidden._version
     rk.loreft(hidden, positions, R, W, b, backend="triton")
     assert hidden._version > v0
+
+
+def test_opcheck_orthonormalize():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 4, 40, generator=gen).to(DEVICE)
+    torch.library.opcheck(torch.ops.reft_kernels.orthonormalize_fwd.default, (A,))
+    Q, cinv = torch.ops.reft_kernels.orthonormalize_fwd(A)
+    torch.library.opcheck(torch.ops.reft_kernels.orthonormalize_bwd.default, (torch.randn_like(Q), Q, cinv))
+
+
+@pytest.mark.parametrize("kind", ["loreft", "consreft", "noreft"])
+def test_torch_compile_intervention_module(kind):
+    """A module (orthonormal R computed by the registered op, the edit by the fused op) compiles with
+    fullgraph and gives the eager output and gradients."""
+    torch._dynamo.reset()
+    d, r = 64, 4
+    torch.manual_seed(0)
+    kw = {"add_bias": True} if kind == "noreft" else {}
+    edit = rk.INTERVENTIONS[kind](d, r, dtype=torch.float32, device=DEVICE, backend="triton", **kw)
+    lin = torch.nn.Linear(d, d).to(DEVICE)
+    x = torch.randn(2, 6, d, device=DEVICE)
+    positions = torch.tensor([[0, 5, 5], [2, -1, 3]], device=DEVICE)
+
+    def step(x):
+        h = edit(lin(x), positions)
+        return (h * h).sum()
+
+    def run(fn):
+        edit.zero_grad()
+        out = fn(x)
+        out.backward()
+        return [out.detach()] + [p.grad.clone() for p in edit.parameters()]
+
+    eager = run(step)
+    got = run(torch.compile(step, backend="aot_eager", fullgraph=True))
+    for g, e in zip(got, eager):
+        assert_close(g, e, torch.float32, "compiled vs eager", scale=10)
