@@ -59,13 +59,18 @@ def _compile(job):
     const = {k: v for k, v in const.items() if k in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, const),
                     constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
+    return _compile_source(src, warps, stages, f"{name} {hidden_dtype} r={r} d={d} {flags}")
+
+
+def _compile_source(src, warps, stages, label):
+    """(ok, report line) for one variant: compiled for sm_90 and within its shared memory."""
     try:
         cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         smem = cc.metadata.shared
         ok = smem <= SMEM_LIMIT
-        return ok, f"{'ok  ' if ok else 'FAIL'} {name} {hidden_dtype} r={r} d={d} {flags} smem={smem}"
+        return ok, f"{'ok  ' if ok else 'FAIL'} {label} smem={smem}"
     except Exception as e:  # report every failing variant, not only the first
-        return False, f"FAIL {name} {hidden_dtype} r={r} d={d} {flags}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        return False, f"FAIL {label}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
 
 
 def _compile_orthonormal(name, r, d):
@@ -76,13 +81,8 @@ def _compile_orthonormal(name, r, d):
     pointers = {name: "*fp32" for name in ("A", "B", "PART", "Q", "CINV", "GQ", "GA")}
     src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, const),
                     constexprs={(kernel.arg_names.index(k),): v for k, v in const.items()})
-    warps = 4 if rp <= 32 or name == "_gram_partial_kernel" else 8
-    try:
-        cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
-        ok = cc.metadata.shared <= SMEM_LIMIT
-        return ok, f"{'ok  ' if ok else 'FAIL'} {name} r={r} d={d} smem={cc.metadata.shared}"
-    except Exception as e:
-        return False, f"FAIL {name} r={r} d={d}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    warps = orth.launch_warps(rp, factorizes=name != "_gram_partial_kernel")
+    return _compile_source(src, warps, 3, f"{name} r={r} d={d}")  # 3 stages: Triton's default on a GPU
 
 
 # the six intervention types: (SOURCE_LINEAR, SUBTRACT_PROJ, HAS_PROJ_BIAS)

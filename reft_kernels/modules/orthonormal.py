@@ -100,21 +100,21 @@ class Orthonormal(nn.Module):
 
     # -- what R is made from --------------------------------------------------------------------
 
-    def _state_key(self) -> tuple:
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """The tensors R is made from: (base, delta), (weight,), or the Householder (original, base)."""
+        if self.parametrization == "stereographic":
+            return self.base, self.delta
         if self.parametrization == "cholesky_qr":
-            tensors = [self.weight]
-        elif self.parametrization == "stereographic":
-            tensors = [self.base, self.delta]
-        else:
-            tensors = [self.householder.parametrizations.weight.original,
-                       self.householder.parametrizations.weight[0].base]
-        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors) + (self.backend,)
+            return (self.weight,)
+        weight = self.householder.parametrizations.weight
+        return weight.original, weight[0].base
+
+    def _state_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in self.inputs()) + (self.backend,)
 
     def premap(self) -> torch.Tensor:
         """The matrix orthonormalize() receives (stereographic and cholesky_qr)."""
-        if self.parametrization == "stereographic":
-            return stereographic_premap(self.base, self.delta)
-        return self.weight
+        return _premap(self.parametrization, *self.inputs())
 
     def compute(self) -> torch.Tensor:
         """R computed now from the parameters (no batch, no cache)."""
@@ -159,6 +159,11 @@ class Orthonormal(nn.Module):
         return f"dim={self.dim}, rank={self.rank}, parametrization={self.parametrization}"
 
 
+def _premap(parametrization: str, *inputs: torch.Tensor) -> torch.Tensor:
+    """What orthonormalize() receives, from Orthonormal.inputs() of one module or stacked over several."""
+    return stereographic_premap(*inputs) if parametrization == "stereographic" else inputs[0]
+
+
 def _orthonormal_modules(roots: Iterable[Union[nn.Module, Iterable[nn.Module]]]) -> list[Orthonormal]:
     found, seen = [], set()
     for root in roots:
@@ -182,17 +187,14 @@ def compute_batched(modules: list[Orthonormal]) -> dict[int, torch.Tensor]:
         if m.parametrization == "householder":
             out[id(m)] = m.compute()
             continue
-        p = m.delta if m.parametrization == "stereographic" else m.weight
+        p = m.inputs()[-1]  # the trained tensor: delta or weight
         groups.setdefault((m.parametrization, p.device, p.dtype, m.dim, m.rank, m.backend), []).append(m)
     for (parametrization, _, _, _, _, backend), group in groups.items():
         if len(group) == 1:
             out[id(group[0])] = group[0].compute()
             continue
-        if parametrization == "stereographic":
-            A = stereographic_premap(torch.stack([m.base for m in group]), torch.stack([m.delta for m in group]))
-        else:
-            A = torch.stack([m.weight for m in group])
-        Rs = orthonormalize(A, backend=backend).unbind(0)
+        stacked = [torch.stack(ts) for ts in zip(*(m.inputs() for m in group))]
+        Rs = orthonormalize(_premap(parametrization, *stacked), backend=backend).unbind(0)
         out.update({id(m): R for m, R in zip(group, Rs)})
     return out
 

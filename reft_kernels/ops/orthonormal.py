@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from .. import backend as _backend
+from .fused_edit import _cdiv, _next_pow2, r_pad
 
 if _backend.HAS_TRITON:
     import triton
@@ -226,15 +227,6 @@ if _backend.HAS_TRITON:
 # ------------------------------------------------------------------------------------------------
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-def r_pad(r: int) -> int:
-    """r padded for tl.dot: a power of two, at least 16."""
-    return max(16, _next_pow2(r))
-
-
 @functools.lru_cache(maxsize=1024)
 def launch_blocks(d: int, on_gpu: bool) -> tuple[int, int]:
     """(BLOCK_D, COLS): columns per tl.dot and per program. On a GPU 512 columns per program give
@@ -249,19 +241,25 @@ def launch_blocks(d: int, on_gpu: bool) -> tuple[int, int]:
     return block_d, block_d
 
 
+def launch_warps(rp: int, factorizes: bool) -> int:
+    """Warps per program: 4, or 8 for the kernels that hold the fp64 R_PAD x R_PAD tiles of the
+    factorization when R_PAD > 32 (more threads to spread those registers over)."""
+    return 8 if factorizes and rp > 32 else 4
+
+
 def orthonormalize_fwd_triton(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A [L, r, d] fp32 contiguous -> (Q [L, r, d], C^-1 [L, R_PAD, R_PAD]). Two launches."""
     L, r, d = A.shape
     rp = r_pad(r)
     block_d, cols = launch_blocks(d, A.is_cuda)
-    S = -(-d // cols)
+    S = _cdiv(d, cols)
     part = torch.empty((L, S, rp, rp), device=A.device, dtype=torch.float32)
     Q = torch.empty_like(A)
     cinv = torch.empty((L, rp, rp), device=A.device, dtype=torch.float32)
-    warps = 4
-    _gram_partial_kernel[(L, S)](A, A, part, r, d, S, COLS=cols, BLOCK_D=block_d, R_PAD=rp, num_warps=warps)
+    _gram_partial_kernel[(L, S)](A, A, part, r, d, S, COLS=cols, BLOCK_D=block_d, R_PAD=rp,
+                                 num_warps=launch_warps(rp, False))
     _cholqr_apply_kernel[(L, S)](A, part, Q, cinv, r, d, S, COLS=cols, BLOCK_D=block_d, R_PAD=rp,
-                                 num_warps=warps if rp <= 32 else 8)
+                                 num_warps=launch_warps(rp, True))
     return Q, cinv
 
 
@@ -270,13 +268,14 @@ def orthonormalize_bwd_triton(grad_q: torch.Tensor, Q: torch.Tensor, cinv: torch
     L, r, d = Q.shape
     rp = r_pad(r)
     block_d, cols = launch_blocks(d, Q.is_cuda)
-    S = -(-d // cols)
+    S = _cdiv(d, cols)
     grad_q = grad_q.float().contiguous()
     part = torch.empty((L, S, rp, rp), device=Q.device, dtype=torch.float32)
     grad_a = torch.empty_like(Q)
-    _gram_partial_kernel[(L, S)](grad_q, Q, part, r, d, S, COLS=cols, BLOCK_D=block_d, R_PAD=rp, num_warps=4)
+    _gram_partial_kernel[(L, S)](grad_q, Q, part, r, d, S, COLS=cols, BLOCK_D=block_d, R_PAD=rp,
+                                 num_warps=launch_warps(rp, False))
     _cholqr_grad_kernel[(L, S)](grad_q, Q, part, cinv, grad_a, r, d, S, COLS=cols, BLOCK_D=block_d, R_PAD=rp,
-                                num_warps=4 if rp <= 32 else 8)
+                                num_warps=launch_warps(rp, True))
     return grad_a
 
 
