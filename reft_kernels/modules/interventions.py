@@ -26,8 +26,8 @@ Where these differ from pyreft on purpose
 - A row named twice in one batch row is edited once and its gradient counted once (pyreft multiplies it).
 - Wh + b runs in fp32 whatever W's dtype (pyreft runs it in W's dtype).
 - ConsReFT honours a dropout argument (pyreft's ignores it); its default 0 matches.
-- The default R parametrization is a batched, cached Cholesky-QR with no d x d buffer (see
-  modules/orthonormal.py); parametrization="householder" is pyreft's exact map.
+- The default R parametrization ("stereographic": a Cholesky-QR, batched and cached, with no d x d
+  buffer; see modules/orthonormal.py) differs from pyreft's; parametrization="householder" is its exact map.
 - NoReFT/DiReFT: b2 is created only when add_bias=True and only NoReFT uses it (pyreft's DiReFT creates an
   unused one).
 """
