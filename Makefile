@@ -8,6 +8,11 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # Triton 3.6 is what the GPU machines run; CI tests the same version under its interpreter.
 TRITON ?= triton==3.6.0
+# The Hugging Face integration is also tested against transformers 4.45.1 (layers return tuples there;
+# 5.x returns tensors), which is also what pyreft 0.1.0 pins, in a second environment.
+COMPAT_VENV ?= .venv-hf445
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_TRANSFORMERS ?= transformers==4.45.1
 
 .PHONY: setup test bench clean
 
@@ -19,13 +24,23 @@ $(VENV)/.ready: pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.ready
+$(COMPAT_VENV)/.ready: pyproject.toml setup.py
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q "$(TORCH)"
+	$(COMPAT_PY) -c "import triton" 2>/dev/null || $(COMPAT_PY) -m pip install -q "$(TRITON)"
+	$(COMPAT_PY) -m pip install -q "$(COMPAT_TRANSFORMERS)" -e ".[test]"
+	touch $@
 
-test: $(VENV)/.ready
+setup: $(VENV)/.ready $(COMPAT_VENV)/.ready
+
+# Everything under the newest transformers, then the Hugging Face integration tests under 4.45.1.
+test: $(VENV)/.ready $(COMPAT_VENV)/.ready
 	$(PY) -m pytest
+	$(COMPAT_PY) -m pytest -q tests/test_hf_*.py
 
 bench: $(VENV)/.ready
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache

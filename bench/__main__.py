@@ -1,16 +1,39 @@
 """The main job: runs the suites that fit this device and writes bench/results/<device>/.
 
 Suites: ops (the fused edit), orthonormal (keeping R orthonormal per training step), convergence (the
-default R parametrization against pyreft's exact one on a memorization task). On a CPU it takes a few
-minutes and times the torch providers only: the fused kernels' figures need a GPU (under the CPU
-interpreter Triton is a correctness tool, not a timing one).
+default R parametrization against pyreft's exact one on a memorization task), train_step (a whole
+training step of a Llama-shaped model against the bias-hook floor, pyreft and LoRA) and generate (time to
+first token and per generated token against plain generate). On a CPU it takes a few minutes and times
+the torch providers only: the fused kernels' figures need a GPU (under the CPU interpreter Triton is a
+correctness tool, not a timing one).
+
+    python -m bench                                  # every suite
+    python -m bench --suites train_step generate     # some of them (names as above); other arguments go
+                                                     # to the ops suite (--n, --tune) and --out to all
 """
 import sys
 import time
 
 import torch
 
-from . import bench_convergence, bench_ops, bench_orthonormal
+from . import bench_convergence, bench_generate, bench_ops, bench_orthonormal, bench_train_step
+
+SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate")
+
+
+def _take_suites(argv):
+    """(suites to run, argv without --suites and its names)."""
+    if "--suites" not in argv:
+        return list(SUITES), argv
+    i = argv.index("--suites")
+    j = i + 1
+    while j < len(argv) and not argv[j].startswith("--"):
+        j += 1
+    names = [n for arg in argv[i + 1:j] for n in arg.split(",") if n]
+    unknown = sorted(set(names) - set(SUITES))
+    if unknown or not names:
+        sys.exit(f"--suites takes names from {', '.join(SUITES)}; got {argv[i + 1:j]}")
+    return [s for s in SUITES if s in names], argv[:i] + argv[j:]
 
 
 def main():
@@ -18,14 +41,21 @@ def main():
     if not torch.cuda.is_available():
         print("No GPU here: timing the torch providers on the CPU only. The fused-kernel figures, floors and "
               "ratios need a CUDA GPU (see README for the latest GPU results).", flush=True)
-    argv = sys.argv[1:]
+    suites, argv = _take_suites(sys.argv[1:])
     out = argv[argv.index("--out") + 1:argv.index("--out") + 2] if "--out" in argv else []
-    print("suite 1/3: ops", flush=True)
-    bench_ops.main(argv)
-    print("suite 2/3: orthonormal", flush=True)
-    bench_orthonormal.main(["--out", *out] if out else [])
-    print("suite 3/3: convergence", flush=True)
-    bench_convergence.main(["--out", *out] if out else [])
+    out_args = ["--out", *out] if out else []
+    runs = {
+        "ops": lambda: bench_ops.main(argv),
+        "orthonormal": lambda: bench_orthonormal.main(out_args),
+        "convergence": lambda: bench_convergence.main(out_args),
+        "train_step": lambda: bench_train_step.main(out_args),
+        "generate": lambda: bench_generate.main(out_args),
+    }
+    for k, name in enumerate(suites, 1):
+        t = time.time()
+        print(f"suite {k}/{len(suites)}: {name}", flush=True)
+        runs[name]()
+        print(f"suite {name} done in {time.time() - t:.0f} s", flush=True)
     print(f"main job done in {time.time() - t0:.0f} s; results under bench/results/", flush=True)
 
 

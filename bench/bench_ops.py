@@ -18,10 +18,7 @@ Floors, at the copy bandwidth measured in this run:
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import math
-import sys
-import types
 
 import torch
 
@@ -31,24 +28,6 @@ from reft_kernels.ops import fused_edit as fe
 from . import harness as H
 
 L2_BYTES = 50 << 20  # H100: 50 MB; inputs rotate over at least 4x this
-
-
-def _pyreft():
-    """pyreft.LoreftIntervention, or None. pyreft imports `datasets`, which the benchmark never uses."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        m = types.ModuleType("datasets")
-        m.Dataset = object
-        m.load_dataset = None
-        m.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
-        sys.modules["datasets"] = m
-    try:
-        import pyreft
-
-        return pyreft.LoreftIntervention
-    except Exception:  # ImportError, or a version clash inside pyreft/pyvene
-        return None
 
 
 class Case:
@@ -126,7 +105,7 @@ def run(ns=(64, 1024, 16384, 131072), d=4096, r=4, dtype=torch.bfloat16, provide
     if device == "cpu":
         dtype = torch.float32  # bf16 matmuls on CPU time the dtype emulation, not the op
     providers = providers or (["fused", "fused-recompute", "torch", "pyreft"] if device == "cuda" else ["torch"])
-    pyreft_cls = _pyreft() if "pyreft" in providers else None
+    pyreft_cls = getattr(H.import_pyreft()[0], "LoreftIntervention", None) if "pyreft" in providers else None
     bw = H.copy_bandwidth_gbps() if device == "cuda" else float("nan")
     rows = []
     for N in ns:

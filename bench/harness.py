@@ -3,9 +3,12 @@
 Method (the device tool's METHOD.md): warm up first; time GPU work with CUDA events; report medians of
 many repeats; rotate inputs so a small case does not run out of L2; measure the copy bandwidth in the
 same run and give every figure beside its floor (bytes over that bandwidth, and launches).
+Whole-model suites (train_step, generate) also find here their Llama shapes, optional providers
+(pyreft), wall-clock timing with peak memory, and the interleaved-repeats runner.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -180,6 +183,19 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def cpu_run_note(dtype: str, extra: str = "") -> str:
+    """The line a model-level suite adds to its notes on a CPU run."""
+    return (f"CPU run: {dtype}, the torch reference edit, one torch thread (harness.cpu_threads); not the "
+            f"product's claim.{' ' + extra if extra else ''}\n")
+
+
+def finish_suite(suite: str, rows, columns, env: dict, notes: str, skipped: dict, out: str | None) -> None:
+    """Appends the skipped providers to the notes, writes the results and prints the markdown."""
+    for name, why in sorted(skipped.items()):
+        notes += f"{name}: skipped ({why}).\n"
+    print(write_results(suite, rows, columns, env, notes, Path(out) if out else None).read_text())
+
+
 def write_results(suite: str, rows: Sequence[dict], columns: Sequence[str], env: dict, notes: str = "",
                   out_dir: Path | None = None) -> Path:
     """bench/results/<device>/<suite>.{md,csv,json}; returns the markdown path."""
@@ -194,3 +210,169 @@ def write_results(suite: str, rows: Sequence[dict], columns: Sequence[str], env:
         w.writerows(rows)
     (out_dir / f"{suite}.json").write_text(json.dumps({"env": env, "rows": list(rows)}, indent=1, default=str))
     return out_dir / f"{suite}.md"
+
+
+# ------------------------------------------------------------------------------------------------
+# whole-model suites (train_step, generate): models, optional providers, interleaved repeats
+# ------------------------------------------------------------------------------------------------
+
+# Llama-shaped configs with random weights (no downloads), as ../shared/notes/anchors.md measures them.
+# "tiny" is for CPU runs only: small enough that a suite finishes in seconds; its figures are not the
+# product's claim (on a CPU the edit runs the torch reference, and the host dominates).
+LLAMA_SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def llama(shape: str, device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """LlamaForCausalLM of LLAMA_SHAPES[shape], random weights from `seed`, in `dtype` on `device`, eval
+    mode, every parameter frozen. Built on the device in fp32 and then cast (what the anchor script
+    does; a 7b shape is 27 GB for a moment on the GPU, freed before any measurement)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**LLAMA_SHAPES[shape], max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    model.to(dtype).eval().requires_grad_(False)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model
+
+
+def spread_layers(num_layers: int, count) -> list[int]:
+    """`count` layers spread evenly from the first to the last (0, 5, 10, 15 of 16 for 4), or every layer
+    for count "all" (or count >= num_layers). The first layer is always included, so every provider's
+    backward reaches the same depth."""
+    if count == "all" or int(count) >= num_layers:
+        return list(range(num_layers))
+    count = int(count)
+    if count == 1:
+        return [num_layers // 2]
+    return [round(i * (num_layers - 1) / (count - 1)) for i in range(count)]
+
+
+def import_pyreft():
+    """(pyreft, "") when pyreft imports here, else (None, the reason). pyreft imports `datasets`, which the
+    benchmarks never use: a stub stands in when it is missing. pyreft 0.1.0 pins transformers 4.45.1
+    (scripts/gpu_check.sh puts it first on the path of the benchmark process when its wheels are carried)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("datasets")
+        stub.Dataset = object
+        stub.load_dataset = None
+        stub.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+        sys.modules["datasets"] = stub
+    try:
+        import pyreft
+
+        return pyreft, ""
+    except Exception as e:  # ImportError, or a version clash inside pyreft/pyvene
+        return None, f"{type(e).__name__}: {e}".splitlines()[0][:160]
+
+
+def optional_versions(names: Sequence[str]) -> dict:
+    """{name: version} of the optional packages a suite compares against ("not installed" if absent)."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def wall_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds for one call of fn, host included (a training step or a generate call is what a user
+    waits for): synchronize, read the clock, call, synchronize, read it again."""
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t) * 1e3
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb() -> float:
+    """torch.cuda.max_memory_allocated() since the last reset_peak_memory(), in GiB; NaN on a CPU, where
+    torch keeps no such count (the process's RSS would mix in the allocator's cache and everything else
+    the process holds, so it is not reported)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def spread_pct(samples: Sequence[float]) -> float:
+    """Interquartile range over the median, in percent: how far apart repeats of one provider land. A
+    difference between providers smaller than this is noise."""
+    if len(samples) < 2:
+        return float("nan")
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return 100.0 * (q3 - q1) / statistics.median(samples)
+
+
+def interleaved(blocks: dict, rounds: int, *, warm_rounds: int = 1, progress: Callable[[str], None] | None = None,
+                label: str = "") -> dict:
+    """Runs each provider's measurement block once per round, rotating the order by one provider each round
+    (A B C, B C A, C A B, ...) so that slow drift (clocks, temperature, other load on the machine) lands
+    on every provider alike and none always runs first.
+
+    blocks: {provider name: fn() -> {key: [samples]}}; each call builds what it needs, measures, and
+    tears down (so providers that hook the same base model never see each other's hooks).
+    The first `warm_rounds` rounds are run and thrown away (kernel compilation, autotuning, allocator
+    growth). Returns {provider name: {key: samples pooled over the kept rounds}}."""
+    names = list(blocks)
+    out: dict = {n: {} for n in names}
+    total = warm_rounds + rounds
+    for k in range(total):
+        order = names[k % len(names):] + names[:k % len(names)]
+        for name in order:
+            got = blocks[name]()
+            if k >= warm_rounds:
+                for key, samples in got.items():
+                    out[name].setdefault(key, []).extend(samples)
+            if progress:
+                key, first = next(iter(got.items()), ("", []))
+                shown = f"{key} {statistics.median(first):.2f}" if first else "-"
+                tag = "warm-up" if k < warm_rounds else f"{k - warm_rounds + 1}/{rounds}"
+                progress(f"{label}round {tag} {name}: {shown}")
+    return out
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int = 1):
+    """Runs the block with torch on `n` CPU threads when there is no GPU (restored after). On the 2-core
+    CPU machine, two OpenMP threads collapse whenever anything else runs beside them (spinning threads
+    wait on a descheduled partner): a tiny Llama's forward measured 3.9 s on 2 threads against 0.09 s on
+    1, with two other processes busy. One thread keeps whole-model CPU runs short and their ratios sane."""
+    if torch.cuda.is_available():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Forward, forward-pre and backward hooks registered on any submodule. Providers that hook a shared
+    base model must leave this as they found it, or the next provider pays for their hooks."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())

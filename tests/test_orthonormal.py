@@ -174,19 +174,34 @@ def test_batch_launches_do_not_grow_with_the_number_of_modules(monkeypatch):
         assert calls == {"fwd": 1, "bwd": 1}, (n, calls)
 
 
-def test_no_grad_cache_is_reused_until_the_parameter_changes():
+def test_no_grad_cache_only_for_frozen_parameters():
     (m,) = _modules(1)
+    m.requires_grad_(False)  # a served, frozen adapter: R is cached
     with torch.no_grad():
         R1 = m.rotation()
         assert m.rotation() is R1
-        m.rotation.delta.add_(0.1)  # bumps the version counter, as optimizer.step() does
+        m.rotation.delta.add_(0.1)  # bumps the version counter, as load_state_dict does
         R2 = m.rotation()
     assert R2 is not R1 and not torch.equal(R1, R2)
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    m.rotation().sum().backward()  # grad mode: computed fresh, cache not used
+    m.requires_grad_(True)  # trainable: computed on every call, under no_grad too
+    with torch.no_grad():
+        assert m.rotation() is not m.rotation()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_no_stale_R_after_an_optimizer_step(fused):
+    # fused AdamW (Trainer's default optimizer) updates parameters without bumping their version counter:
+    # an R cached before training must not survive it (a bug found by the classification example)
+    (m,) = _modules(1)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=fused)
+    with torch.no_grad():
+        before = m.rotation().clone()
+    (m.rotation() * torch.randn(m.rotation().shape)).sum().backward()
     opt.step()
     with torch.no_grad():
-        assert not torch.equal(m.rotation(), R2)
+        after = m.rotation()
+        torch.testing.assert_close(after, m.rotation.compute(), rtol=0, atol=0)
+    assert not torch.equal(after, before)
 
 
 def test_batch_is_private_to_its_thread():

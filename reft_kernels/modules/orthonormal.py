@@ -31,8 +31,13 @@ When R is computed
   such block per model forward, so the cost per training step does not grow with the number of layers.
 - Otherwise, with autograd recording: computed on each call (a fresh graph, safe for gradient
   accumulation and gradient checkpointing).
-- Otherwise (no_grad / inference_mode): computed once and cached until the parameter changes (its
-  version counter moves, as an optimizer step or load_state_dict does).
+- Otherwise, when no parameter of the module requires grad (a frozen adapter being served): computed
+  once and cached until a parameter changes (its version counter moves, as load_state_dict does; writes
+  through `.data` bypass it: call set_() or load_state_dict instead).
+- Otherwise (trainable parameters, no_grad): computed on each call. A version-counter key cannot be
+  trusted while training: fused optimizers (AdamW(fused=True), Trainer's default) do not bump it.
+  ReftModel computes every R once per forward/generate call in one batch, so this costs one batched
+  computation per call there.
 """
 from __future__ import annotations
 
@@ -131,9 +136,15 @@ class Orthonormal(nn.Module):
         batched = _BATCHED.get().get(id(self))
         if batched is not None:
             return batched
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if any(p.requires_grad for p in self.parameters()):
+            # Trainable: computed on every call, never cached. A version-counter key is not enough here:
+            # fused optimizers (torch.optim.AdamW(fused=True), Trainer's default) update parameters without
+            # bumping it, so a cached R would silently outlive training.
             self._cache = None
-            return self.compute()
+            if torch.is_grad_enabled():
+                return self.compute()
+            with torch.no_grad():
+                return self.compute()
         key = self._state_key()
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
