@@ -2,10 +2,11 @@
 
 Suites: ops (the fused edit), orthonormal (keeping R orthonormal per training step), convergence (the
 default R parametrization against pyreft's exact one on a memorization task), train_step (a whole
-training step of a Llama-shaped model against the bias-hook floor, pyreft and LoRA) and generate (time to
-first token and per generated token against plain generate). On a CPU it takes a few minutes and times
-the torch providers only: the fused kernels' figures need a GPU (under the CPU interpreter Triton is a
-correctness tool, not a timing one).
+training step of a Llama-shaped model against the bias-hook floor, pyreft and LoRA), generate (time to
+first token and per generated token against plain generate) and pyreft_dropin (pyreft's own training
+loop with its interventions against reft_kernels' drop-in classes; only where pyreft imports). On a CPU
+it takes a few minutes and times the torch providers only: the fused kernels' figures need a GPU (under
+the CPU interpreter Triton is a correctness tool, not a timing one).
 
     python -m bench                                  # every suite
     python -m bench --suites train_step generate     # some of them (names as above); other arguments go
@@ -16,9 +17,10 @@ import time
 
 import torch
 
-from . import bench_convergence, bench_generate, bench_ops, bench_orthonormal, bench_train_step
+from . import bench_convergence, bench_generate, bench_ops, bench_orthonormal, bench_pyreft_dropin, bench_train_step
+from . import harness as H
 
-SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate")
+SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate", "pyreft_dropin")
 
 
 def _take_suites(argv):
@@ -50,10 +52,16 @@ def main():
         "convergence": lambda: bench_convergence.main(out_args),
         "train_step": lambda: bench_train_step.main(out_args),
         "generate": lambda: bench_generate.main(out_args),
+        "pyreft_dropin": lambda: bench_pyreft_dropin.main(out_args),
     }
     for k, name in enumerate(suites, 1):
         t = time.time()
         print(f"suite {k}/{len(suites)}: {name}", flush=True)
+        if name == "pyreft_dropin" and H.import_pyreft()[0] is None:
+            # pyreft pins transformers 4.45.1, so the main environment does not have it; the GPU script
+            # carries it (scripts/gpu_check.sh), and tests_pyreft/ checks the drop-ins against it in CI
+            print(f"suite pyreft_dropin skipped: pyreft does not import here ({H.import_pyreft()[1]})", flush=True)
+            continue
         runs[name]()
         print(f"suite {name} done in {time.time() - t:.0f} s", flush=True)
     print(f"main job done in {time.time() - t0:.0f} s; results under bench/results/", flush=True)

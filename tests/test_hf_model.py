@@ -317,3 +317,19 @@ def test_trainer_with_gradient_checkpointing_trains(tmp_path):
     transformers.Trainer(model=reft, args=args, train_dataset=data, data_collator=rk.ReftDataCollator()).train()
     assert reft.is_gradient_checkpointing
     assert all(not torch.equal(p, before[n]) for n, p in reft.named_parameters() if p.requires_grad)
+
+
+def test_save_pretrained_in_pyreft_format_loads_back(tmp_path):
+    # the format pyreft reads (tests_pyreft/ checks it against the real pyreft); here: our own loader
+    reft = rk.get_reft_model(tiny_model("llama"), _config(dtype=torch.float32))
+    _randomize(reft, 0.3)
+    reft.save_pretrained(tmp_path, format="pyreft")
+    assert (tmp_path / "config.json").is_file() and len(list(tmp_path.glob("intkey_*.bin"))) == 2
+    loaded = rk.load_pyreft(tiny_model("llama"), tmp_path, dtype=torch.float32, positions="f2+l2")
+    ids, mask = _left_padded_prompts()
+    locs = reft.locations(mask)
+    a = reft(input_ids=ids, attention_mask=mask, intervention_locations=locs).logits
+    b = loaded(input_ids=ids, attention_mask=mask, intervention_locations=locs).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="format must be"):
+        reft.save_pretrained(tmp_path, format="peft")

@@ -441,13 +441,25 @@ class ReftModel(nn.Module):
                 "layers_path": self.layers_path}
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], state_dict: Optional[dict] = None,
-                        is_main_process: bool = True, **_ignored) -> None:
+                        is_main_process: bool = True, format: str = "reft_kernels", **_ignored) -> None:
         """Writes reft_config.json (everything needed to rebuild: representations, position scheme, unfrozen
         modules, and the base model's width and depth) and reft_model.safetensors (the adapter state).
 
         state_dict: the adapter state to write (default: self.state_dict()). Sharded (DTensor) entries, as
         FSDP2 leaves them, are gathered with full_tensor(), a collective: under FSDP every rank must call
-        this, and only the one with is_main_process=True writes."""
+        this, and only the one with is_main_process=True writes.
+        format="pyreft": a directory pyreft's ReftModel.load reads (reft_kernels.save_pyreft; no dtype, act or
+        dropout is stored there, as pyreft stores none)."""
+        if format == "pyreft":
+            if state_dict is not None:
+                raise ValueError("format='pyreft' saves the live adapter; state_dict= is not supported")
+            if is_main_process:
+                from ..interop.pyreft_checkpoint import save_pyreft
+
+                save_pyreft(self, save_directory)
+            return
+        if format != "reft_kernels":
+            raise ValueError(f"format must be 'reft_kernels' or 'pyreft', got {format!r}")
         from safetensors.torch import save_file
 
         from .. import __version__
