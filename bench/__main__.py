@@ -6,7 +6,8 @@ training step of a Llama-shaped model against the bias-hook floor, pyreft and Lo
 first token and per generated token against plain generate) and pyreft_dropin (pyreft's own training
 loop with its interventions against reft_kernels' drop-in classes; only where pyreft imports). On a CPU
 it takes a few minutes and times the torch providers only: the fused kernels' figures need a GPU (under
-the CPU interpreter Triton is a correctness tool, not a timing one).
+the CPU interpreter Triton is a correctness tool, not a timing one). Each suite writes <suite>.md, .csv,
+.json and PNG plots (bench/plots.py); on a terminal a progress bar runs over the suites and their cases.
 
     python -m bench                                  # every suite
     python -m bench --suites train_step generate     # some of them (names as above); other arguments go
@@ -54,9 +55,9 @@ def main():
         "generate": lambda: bench_generate.main(out_args),
         "pyreft_dropin": lambda: bench_pyreft_dropin.main(out_args),
     }
-    for k, name in enumerate(suites, 1):
+    # a bar over the suites on a terminal ("suite k/n: name" lines in a log); long suites nest their own
+    for name in H.progress(suites, "suite", label=str):
         t = time.time()
-        print(f"suite {k}/{len(suites)}: {name}", flush=True)
         if name == "pyreft_dropin" and H.import_pyreft()[0] is None:
             # pyreft pins transformers 4.45.1, so the main environment does not have it; the GPU script
             # carries it (scripts/gpu_check.sh), and tests_pyreft/ checks the drop-ins against it in CI
@@ -64,7 +65,12 @@ def main():
             continue
         runs[name]()
         print(f"suite {name} done in {time.time() - t:.0f} s", flush=True)
-    print(f"main job done in {time.time() - t0:.0f} s; results under bench/results/", flush=True)
+    where = out[0] if out else f"bench/results/{H.device_slug()}"
+    print(f"main job done in {time.time() - t0:.0f} s; results (markdown, CSV, JSON, PNG plots) under {where}/",
+          flush=True)
+    if not torch.cuda.is_available():
+        print("These are CPU figures of the torch reference: the fused kernels' times, floors and ratios need a "
+              "CUDA GPU.", flush=True)
 
 
 main()

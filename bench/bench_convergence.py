@@ -84,7 +84,7 @@ def run(steps=200, lr=1e-2, rank=8, prompt_len=12, answer_len=20, seeds=(0, 1, 2
     cfg = model.config
     layer = cfg.num_hidden_layers // 2
     curves, summary = {}, []
-    for seed in seeds:
+    for seed in H.progress(seeds, "  convergence", label=lambda s: f"seed {s}"):
         gen = torch.Generator().manual_seed(100 + seed)
         prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen)
         answer = torch.randint(0, cfg.vocab_size, (1, answer_len), generator=gen)
@@ -133,7 +133,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     a = ap.parse_args(argv)
     env = H.environment()
-    summary, curves, layer = run(a.steps, progress=lambda s: print(f"  convergence: {s}", flush=True))
+    # one thread: with two, torch's CPU threads stall each other whenever another process runs (measured:
+    # this suite went from 35 s to 191 s beside another benchmark)
+    with H.cpu_threads(1):
+        summary, curves, layer = run(a.steps, progress=lambda s: print(f"  convergence: {s}", flush=True))
     notes = __doc__.split("\n", 1)[1] + (
         f"\nModel: LlamaConfig(hidden 128, 4 layers, 4 heads, vocab 512), random init (LM head std 0.2), frozen; "
         f"LoReFT r = 8 at layer {layer}, fp32; Adam lr 1e-2; {a.steps} steps; 5 seeds (prompt, answer and initial parameters "

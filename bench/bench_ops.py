@@ -1,89 +1,245 @@
-"""Op suite: the LoReFT edit alone, fused Triton kernels vs naive PyTorch (our torch backend) vs pyreft.
+"""Op suite: the fused ReFT edit alone, every intervention type, forward, backward and both.
 
-Setting (issue 2): d = 4096, r = 4, bf16 hidden, fp32 parameters, N = B * P edited rows with P = 16
-positions per batch row and every row of hidden edited (T = P), so the floor is exactly the edited rows.
-Providers:
-- fused: reft_kernels.loreft(backend="triton"), keeping a copy of the edited rows for the backward
-- fused-recompute: the same with recompute=True (the backward rebuilds the rows from the output)
-- torch: reft_kernels.loreft(backend="torch"), the plain-PyTorch reference (gather, math, index_put_)
-- pyreft: pyreft.LoreftIntervention on the gathered [N, 1, d] rows, as ../shared/tools/anchor_bench.py
-  times it (no gather or scatter, but its orthogonalization runs on every call); only when importable
-Floors, at the copy bandwidth measured in this run:
-- issue floor: 2 N d bytes-per-element forward, 5 N d forward+backward (read and write the rows; read
-  the gradient and the rows, write the gradient)
-- design floor: what our kernels must move: forward 2 N d (3 with the saved copy, when a gradient is
-  needed); backward 4 N d (the gradient is read twice: d_delta = L g first). Launches: forward 1,
-  backward 3.
+Ours against naive PyTorch (our torch backend) and pyreft, beside the byte floor and our launch count.
+
+Setting: hidden [B, T, d] with T = P = 16 positions per batch row, every row edited, so the N = B * P
+edited rows are the whole tensor and the floor is exactly the edited rows. Parameters fp32 (the math runs
+in fp32 whatever the hidden dtype); random inputs and parameters, never zeros. Types, as
+reft_kernels/modules/interventions.py maps them (term flags of reft_kernels.reft_edit; pyreft's class):
+- loreft       h + Rᵀ(Wh + b − Rh)          lift R, source Wh + b, subtract Rh      LoreftIntervention
+- noreft       h + W2ᵀ(Wh + b − W2h)        lift W2, source Wh + b, subtract W2h    NoreftIntervention(add_bias=False)
+- noreft_b2    h + W2ᵀ(Wh + b − W2h − b2)   the same with the projection bias b2     NoreftIntervention(add_bias=True)
+- consreft     h + Rᵀ(b − Rh)               lift R, source b, subtract Rh           ConsreftIntervention
+- lobireft     h + Rᵀb                      lift R, source b                        LobireftIntervention
+- direft       h + W2ᵀ(Wh + b)              lift W2, source Wh + b                  NodireftIntervention(add_bias=False)
+- orthodireft  h + Rᵀ(Wh + b)               lift R, source Wh + b                   DireftIntervention
+(activation identity, dropout 0.)
+
+Modes:
+- fwd: the forward without gradient (torch.no_grad(): inference; our kernel saves nothing)
+- bwd: the backward alone, replayed on a retained graph: the forward is run once per rotating buffer,
+  untimed, keeping its graph; each timed call is torch.autograd.backward(out, grad, retain_graph=True) on
+  the next one (then the parameter gradients are dropped). That is exactly what autograd runs for this op
+  in a training step's backward: for ours the EditFunction backward (its launcher, three kernels), for the
+  torch reference and pyreft their autograd graphs. Nothing is subtracted from anything.
+- fwd+bwd: the forward with gradient, then out.backward(grad), as a training step runs them.
+
+Providers (the same run measures all of them on the same buffers):
+- fused: reft_kernels.reft_edit(backend="triton"), which keeps a copy of the edited rows for the backward
+  (GPU; on a CPU only under TRITON_INTERPRET=1 and only when named with --providers: the interpreter is a
+  correctness tool, its times mean nothing)
+- fused-recompute: the same with recompute=True (the backward rebuilds the rows from the output); by
+  default only for the headline LoReFT d = 4096, r = 4, bf16 rows
+- torch: reft_kernels.reft_edit(backend="torch"), the plain-PyTorch reference (gather, math, index_put_)
+- pyreft: pyreft's class for the type on the gathered [N, 1, d] rows (no gather or scatter, but the
+  orthonormal types re-orthogonalize R on every call, through a d x d buffer); only when pyreft imports
+
+Floor (floor_MB, floor_us at the copy bandwidth measured in this run; R = N d x hidden bytes per element,
+p = the r x d matrices the type has (lift, and W with a source Wh + b) x 4 bytes):
+- fwd: read and write the rows, read the parameters: 2 R + p, every type
+- bwd: read the incoming gradient, read the original rows (the parameter gradients need them), write
+  the hidden gradient: 3 R; LobiReFT: 1 R (its Jacobian is the identity: the hidden gradient is the
+  incoming one, and Rᵀb needs only the summed gradient). Plus reading the parameters and writing their
+  gradients: 2 p
+- fwd+bwd: the sum, 5 R + 3 p (LobiReFT 3 R + 3 p). The README's headline floor is 5 N d bytes (rows only).
+Launches: the floor is 1 per pass. `launches` is what our path ran (counted by wrapping the Triton
+kernels during one extra, untimed call): forward 1; backward 3 (step 1, step 2, and the sum of the
+partial parameter gradients, skipped when one group covers every row). At these settings (fp32
+parameters, dropout 0) our path runs no other kernel.
+ours_MB (fused, with the saved copy): bytes our kernels read and write, each array counted once per kernel
+that touches it (what L2 may absorb is not subtracted): forward 2 R + p without gradient, 3 R + p + stats
+with it (stats: 2 r_pad x 4 bytes per row, r_pad = max(16, r rounded up to a power of two)); backward: the
+gradient twice (step 1 reduces it to L g, step 2 streams it again), the saved rows (not for LobiReFT),
+the hidden gradient written: 4 R (LobiReFT 3 R), plus the stats and step-1 scratch, the parameters (the
+lift twice), and the partial parameter gradients (written by every row group of step 2, read back once by
+the sum) and the final ones.
+
+Method: CUDA events around each call, medians over `reps` calls after 5 warm-up calls (host time
+included: eager, as a user calls the op); inputs rotate over more than 4x the L2 cache (hidden, gradient
+and, for bwd, the retained graphs, whose first use in the timed loop follows an L2 flush).
+Ratios: fused_over_floor (our time over the floor's), torch_over_fused and pyreft_over_fused (how many
+times faster ours is).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import math
+import time
+from pathlib import Path
 
 import torch
 
 import reft_kernels as rk
+from reft_kernels.modules.interventions import INTERVENTIONS
 from reft_kernels.ops import fused_edit as fe
 
 from . import harness as H
 
-L2_BYTES = 50 << 20  # H100: 50 MB; inputs rotate over at least 4x this
+L2_BYTES = 50 << 20  # H100: 50 MB; the device's own figure is used when torch reports it
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROVIDERS = ("fused", "fused-recompute", "torch", "pyreft")
+WARMUP = 5
+
+# type -> (kind in reft_kernels.modules.interventions, has the projection bias b2, extra pyreft keywords)
+TYPES = {
+    "loreft": ("loreft", False, {}),
+    "noreft": ("noreft", False, {"add_bias": False}),
+    "noreft_b2": ("noreft", True, {"add_bias": True}),
+    "consreft": ("consreft", False, {}),
+    "lobireft": ("lobireft", False, {}),
+    "direft": ("direft", False, {"add_bias": False}),
+    "orthodireft": ("orthodireft", False, {}),
+}
+HEADLINE = dict(type="loreft", d=4096, r=4, dtype="bf16")  # the README's table
+
+
+def type_info(name):
+    """(module class, has_proj_bias, pyreft keywords) of a benchmark type."""
+    kind, pb, kw = TYPES[name]
+    return INTERVENTIONS[kind], pb, kw
+
+
+def _l2_bytes():
+    if torch.cuda.is_available():
+        return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or L2_BYTES
+    return L2_BYTES
+
+
+_FLUSH: dict = {}
+
+
+def flush_l2():
+    """Reads and writes 2x the L2 cache, so that nothing a timed call reads is still cached."""
+    if not torch.cuda.is_available():
+        return
+    buf = _FLUSH.get("buf")
+    if buf is None:
+        buf = _FLUSH["buf"] = torch.ones(2 * _l2_bytes() // 4, device="cuda")
+    buf.add_(1.0)
 
 
 class Case:
-    """Rotating input buffers and parameters for one N."""
+    """Rotating input buffers and random parameters for one (type, N, d, r, dtype)."""
 
-    def __init__(self, N, d, r, dtype, device, P=16):
-        self.N, self.d, self.r, self.P = N, d, r, P
+    def __init__(self, N, d, r, dtype, device, P=16, type="loreft"):
+        self.type, self.N, self.d, self.r, self.P, self.dtype = type, N, d, r, P, dtype
+        cls, has_pb, _ = type_info(type)
+        self.source_linear, self.subtract_proj, self.has_proj_bias = cls.source_linear, cls.subtract_proj, has_pb
+        self.orthonormal = cls.orthonormal
         B = max(1, N // P)
         self.B, self.T = B, P
-        el = torch.finfo(dtype).bits // 8
-        size = B * self.T * d * el
-        self.copies = max(1, min(256, math.ceil(4 * L2_BYTES / size))) if device == "cuda" else 1
+        self.N = B * P
+        self.el = torch.finfo(dtype).bits // 8
+        size = B * self.T * d * self.el
+        self.copies = max(1, min(512, math.ceil(4 * _l2_bytes() / size) + 1)) if device == "cuda" else 1
         gen = torch.Generator(device=device).manual_seed(0)
         self.hidden = [torch.randn(B, self.T, d, device=device, dtype=dtype, generator=gen) for _ in range(self.copies)]
         self.grads = [torch.randn(B, self.T, d, device=device, dtype=dtype, generator=gen) for _ in range(self.copies)]
         self.positions = torch.arange(P, device=device).repeat(B, 1)
         q, _ = torch.linalg.qr(torch.randn(d, r, device=device, generator=gen))
-        self.R = q.t().contiguous().requires_grad_(True)
-        # a contractive W (spectral norm about 0.5) keeps repeated in-place edits of the same buffers bounded
-        self.W = (torch.randn(r, d, device=device, generator=gen) * 0.5 / math.sqrt(d)).requires_grad_(True)
-        self.b = (0.1 * torch.randn(r, device=device, generator=gen)).requires_grad_(True)
+        q = q.t().contiguous()  # orthonormal rows
+        noise = lambda: 0.1 / math.sqrt(d) * torch.randn(r, d, device=device, generator=gen)  # noqa: E731
+        # Parameters keep repeated in-place edits of the same buffers bounded (every buffer is edited
+        # hundreds of times): the edit contracts the r-dimensional subspace it writes.
+        if type in ("loreft", "noreft", "noreft_b2"):
+            W = torch.randn(r, d, device=device, generator=gen) * 0.5 / math.sqrt(d)  # spectral norm about 0.5
+        else:
+            W = -0.5 * q + noise()  # without a subtraction, W h feeds back: W L^T ~ -0.4 I contracts it
+        lift = q if self.orthonormal else 0.8 * q + noise()
+        self.params = {
+            "lift": lift,
+            "weight": W if self.source_linear else None,
+            # LobiReFT adds R^T b on every call: a small b keeps the drift small
+            "bias": (0.01 if type == "lobireft" else 0.1) * torch.randn(r, device=device, generator=gen),
+            "proj_bias": 0.1 * torch.randn(r, device=device, generator=gen) if has_pb else None,
+        }
+        for p in self.params.values():
+            if p is not None:
+                p.requires_grad_(True)
         self.k = 0
-        self.rows_bytes = N * d * el
+        self.rows_bytes = self.N * d * self.el
+
+    # the LoReFT names (small_n, tune and profile_kernels use them)
+    R = property(lambda self: self.params["lift"])
+    W = property(lambda self: self.params["weight"])
+    b = property(lambda self: self.params["bias"])
+
+    @property
+    def spec(self):
+        return fe.EditSpec(self.source_linear, self.subtract_proj, "identity")
 
     def next(self):
         self.k = (self.k + 1) % self.copies
         return self.hidden[self.k], self.grads[self.k]
 
     def clear_grads(self):
-        self.R.grad = self.W.grad = self.b.grad = None
+        for p in self.params.values():
+            if p is not None:
+                p.grad = None
 
-    def check_finite(self):
+    def check_data(self):
         for h in self.hidden:
             assert torch.isfinite(h).all(), "benchmark data blew up: timings on inf/NaN are not valid"
+            assert h.abs().amax() > 0, "benchmark data is all zeros"
+
+    def edit(self, backend, recompute=False):
+        p = self.params
+
+        def call(h):
+            return rk.reft_edit(h, self.positions, p["lift"], p["weight"], p["bias"], p["proj_bias"],
+                                source_linear=self.source_linear, subtract_proj=self.subtract_proj,
+                                backend=backend, recompute=recompute)
+
+        return call
 
 
-def _fused(case, backend, recompute=False):
+# ------------------------------------------------------------------------------------------------
+# providers: {mode: fn} (bwd: a builder returning fn, so that its retained graphs live only while timed)
+# ------------------------------------------------------------------------------------------------
+
+
+def _graph_count(case, reps):
+    # never more graphs than timed calls: each call then meets a graph whose data is not in L2
+    return max(1, min(case.copies, WARMUP + reps))
+
+
+def _ours(case, backend, recompute=False):
+    edit = case.edit(backend, recompute)
+
     def fwd():
         h, _ = case.next()
         with torch.no_grad():
-            rk.loreft(h, case.positions, case.R, case.W, case.b, backend=backend)
+            edit(h)
 
     def fwd_bwd():
         h, g = case.next()
-        x = H.as_nonleaf(h)
-        out = rk.loreft(x, case.positions, case.R, case.W, case.b, backend=backend, recompute=recompute)
-        out.backward(g)
+        edit(H.as_nonleaf(h)).backward(g)
         case.clear_grads()
 
-    return fwd, fwd_bwd
+    def build_bwd(reps):
+        n = _graph_count(case, reps)
+        outs = [edit(H.as_nonleaf(case.hidden[k])) for k in range(n)]
+        state = [0]
+
+        def bwd():
+            k = state[0] = (state[0] + 1) % n
+            torch.autograd.backward(outs[k], case.grads[k], retain_graph=True)
+            case.clear_grads()
+
+        return bwd
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "bwd": build_bwd}
 
 
-def _pyreft_fns(case, cls, dtype):
-    iv = cls(embed_dim=case.d, low_rank_dimension=case.r, dtype=dtype).to(case.hidden[0].device)
-    rows = [h.reshape(case.N, 1, case.d)[: case.N] for h in case.hidden]
-    grads = [g.reshape(case.N, 1, case.d)[: case.N] for g in case.grads]
+def _pyreft(case, pyreft):
+    cls, has_pb, kw = type_info(case.type)
+    iv = getattr(pyreft, cls.pyreft_name)(embed_dim=case.d, low_rank_dimension=case.r, dtype=case.dtype, **kw)
+    iv = iv.to(case.hidden[0].device)
+    rows = [h.reshape(case.N, 1, case.d) for h in case.hidden]
+    grads = [g.reshape(case.N, 1, case.d) for g in case.grads]
     leafs = [x.detach().clone().requires_grad_(True) for x in rows]
 
     def fwd():
@@ -97,49 +253,283 @@ def _pyreft_fns(case, cls, dtype):
         leafs[case.k].grad = None
         iv.zero_grad(set_to_none=True)
 
-    return fwd, fwd_bwd
+    def build_bwd(reps):
+        n = _graph_count(case, reps)
+        outs = [iv(leafs[k]) for k in range(n)]
+        state = [0]
+
+        def bwd():
+            k = state[0] = (state[0] + 1) % n
+            torch.autograd.backward(outs[k], grads[k], retain_graph=True)
+            leafs[k].grad = None
+            iv.zero_grad(set_to_none=True)
+
+        return bwd
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "bwd": build_bwd}
 
 
-def run(ns=(64, 1024, 16384, 131072), d=4096, r=4, dtype=torch.bfloat16, providers=None, reps=30, progress=None):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        dtype = torch.float32  # bf16 matmuls on CPU time the dtype emulation, not the op
-    providers = providers or (["fused", "fused-recompute", "torch", "pyreft"] if device == "cuda" else ["torch"])
-    pyreft_cls = getattr(H.import_pyreft()[0], "LoreftIntervention", None) if "pyreft" in providers else None
-    bw = H.copy_bandwidth_gbps() if device == "cuda" else float("nan")
-    rows = []
-    for N in ns:
-        case = Case(N, d, r, dtype, device)
-        row = {"N": N, "B": case.B, "P": case.P}
-        floor_us = lambda moves: moves * case.rows_bytes / (bw * 1e9) * 1e6  # noqa: E731
-        row["issue_floor_fwd_us"] = floor_us(2)
-        row["issue_floor_fwdbwd_us"] = floor_us(5)
-        row["design_floor_fwdbwd_us"] = floor_us(7)
-        row["design_floor_fwdbwd_recompute_us"] = floor_us(6)
-        for prov in providers:
+def _fused(case, backend, recompute=False):
+    """(fwd, fwd+bwd) of our op (small_n and profile_kernels use it)."""
+    fns = _ours(case, backend, recompute)
+    return fns["fwd"], fns["fwd+bwd"]
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Counts the Triton kernel launches of reft_kernels' edit while the block runs: every *_kernel of
+    ops/fused_edit.py is wrapped (the launchers look them up by name at each call)."""
+    counter = [0]
+
+    class _Counted:
+        def __init__(self, kernel):
+            self._kernel = kernel
+
+        def __getitem__(self, grid):
+            counter[0] += 1
+            return self._kernel[grid]
+
+        def __getattr__(self, name):
+            return getattr(self._kernel, name)
+
+    names = [n for n in dir(fe) if n.endswith("_kernel") and hasattr(getattr(fe, n), "__getitem__")]
+    saved = {n: getattr(fe, n) for n in names}
+    try:
+        for n, k in saved.items():
+            setattr(fe, n, _Counted(k))
+        yield counter
+    finally:
+        for n, k in saved.items():
+            setattr(fe, n, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# bytes
+# ------------------------------------------------------------------------------------------------
+
+
+def _param_bytes(case):
+    mats = 1 + case.source_linear
+    vecs = 1 + case.has_proj_bias
+    return (mats * case.r * case.d + vecs * case.r) * 4
+
+
+def floor_bytes(case, mode, rows_only=False):
+    """The minimum any implementation moves (module docstring)."""
+    R = case.rows_bytes
+    p = 0 if rows_only else _param_bytes(case)
+    lobi = not (case.source_linear or case.subtract_proj)
+    fwd = 2 * R + p
+    bwd = (1 if lobi else 3) * R + 2 * p
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def _bwd_groups(case):
+    """Row groups of our backward's step 2 (mirrors fused_edit.edit_bwd_triton)."""
+    cfg = fe.launch_config(case.grads[0], case.r, case.P)
+    n_items = case.B * case.T
+    n_blocks = fe._cdiv(n_items, cfg.bwd_block_n)
+    n_cblk = fe._cdiv(case.d, cfg.bwd_block_d)
+    target = cfg.bwd_programs or 4 * fe._sms(case.grads[0].device)
+    n_groups = max(1, min(n_blocks, fe._cdiv(target, n_cblk)))
+    return fe._cdiv(n_blocks, fe._cdiv(n_blocks, n_groups))
+
+
+def ours_bytes(case, mode):
+    """What our kernels read and write (fused, saving the rows; module docstring)."""
+    R, p, N = case.rows_bytes, _param_bytes(case), case.N
+    st = N * fe.r_pad(case.r) * 4  # one r_pad-wide fp32 vector per row
+    needs_rows = case.source_linear or case.subtract_proj
+    if mode == "fwd":
+        return 2 * R + p
+    fwd = 3 * R + p + 2 * st
+    groups = _bwd_groups(case)
+    M = p // 4
+    partials = (2 * groups * M * 4 if groups > 1 else 0) + M * 4
+    item_slot = 2 * case.B * case.T * 4
+    lift = case.r * case.d * 4  # step 1 reads the lift, step 2 every parameter matrix
+    bwd = ((3 + needs_rows) * R + lift + p + partials + item_slot
+           + (st if case.source_linear else 0) + 2 * st  # step 1: reads z, writes d_delta and dz
+           + 3 * st)  # step 2: reads delta, d_delta and dz
+    return {"bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def _cpu_copy_bandwidth_gbps(nbytes=256 << 20):
+    a = torch.empty(nbytes // 2, dtype=torch.uint8).random_()
+    b = torch.empty_like(a)
+    us = H.time_per_call_us(lambda: b.copy_(a), reps=7, warmup=2)
+    return nbytes / (us * 1e-6) / 1e9
+
+
+def copy_bandwidth_gbps():
+    """Bytes read plus written per second of a device copy (the harness's), or of a 256 MB CPU copy."""
+    return H.copy_bandwidth_gbps() if torch.cuda.is_available() else _cpu_copy_bandwidth_gbps()
+
+
+# ------------------------------------------------------------------------------------------------
+# the grid
+# ------------------------------------------------------------------------------------------------
+
+
+def default_groups(cuda: bool, quick: bool):
+    """[(types, dtypes, ds, rs, ns, providers)]: the cases are each group's cross product."""
+    others = [t for t in TYPES if t != "loreft"]
+    if cuda:
+        full = ["fused", "torch", "pyreft"]
+        if quick:
+            return [(list(TYPES), ["bf16"], [4096], [4], [1024, 131072], full)]
+        return [
+            # the README's table: LoReFT d = 4096, r = 4, bf16
+            (["loreft"], ["bf16"], [4096], [4], [64, 1024, 16384, 131072], list(PROVIDERS)),
+            # every other type at that shape
+            (others, ["bf16"], [4096], [4], [1024, 131072], full),
+            # LoReFT over d and r (r = 1 compiles its own kernels: Triton specializes an argument equal to 1)
+            (["loreft"], ["bf16"], [2048], [1, 4, 8], [1024, 131072], full),
+            (["loreft"], ["bf16"], [4096], [1, 8], [1024, 131072], full),
+            # fp32 hidden (the ieee dot path, twice the bytes)
+            (["loreft"], ["fp32"], [4096], [4], [1024, 131072], full),
+        ]
+    cpu = ["torch", "pyreft"]
+    if quick:
+        return [(list(TYPES), ["fp32"], [512], [4], [64], cpu)]
+    return [
+        (list(TYPES), ["fp32"], [1024], [4], [64, 1024], cpu),
+        # the shape of the GPU headline, torch only (pyreft's d x d orthogonalization: ~1 s a call on a CPU)
+        (["loreft"], ["fp32"], [4096], [4], [64, 1024], ["torch"]),
+    ]
+
+
+def custom_groups(a, cuda):
+    """One group from the flags; an axis not given takes the headline's value."""
+    types = list(TYPES) if a.types == ["all"] else (a.types or [HEADLINE["type"]])
+    for t in types:
+        if t not in TYPES:
+            raise SystemExit(f"--types: unknown type {t!r}; choose from {', '.join(TYPES)} or all")
+    dtypes = a.dtype or [HEADLINE["dtype"] if cuda else "fp32"]
+    ns = a.n or ([64, 1024, 16384, 131072] if cuda else [64, 1024])
+    providers = a.providers or (["fused", "fused-recompute", "torch", "pyreft"] if cuda else ["torch", "pyreft"])
+    return [(types, dtypes, a.d or [HEADLINE["d"]], a.r or [HEADLINE["r"]], ns, providers)]
+
+
+def _is_headline(type_, d, r, dtype):
+    return (type_, d, r, dtype) == (HEADLINE["type"], HEADLINE["d"], HEADLINE["r"], HEADLINE["dtype"])
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------
+
+
+def _reps(N, d, el, base, cuda):
+    if not cuda:
+        return base
+    return base if N * d * el <= 16384 * 4096 * 2 else max(10, base // 2)
+
+
+def measure_case(case, modes, providers, pyreft, bw, reps, count=True, progress=None):
+    """Rows (one per mode) for one case."""
+    cuda = case.hidden[0].is_cuda
+    base = {"type": case.type, "dtype": {v: k for k, v in DTYPES.items()}[case.dtype], "d": case.d, "r": case.r,
+            "N": case.N}
+    rows = {m: dict(base, mode=m) for m in modes}
+    n_reps = _reps(case.N, case.d, case.el, reps, cuda)
+    for prov in providers:
+        if prov == "pyreft":
+            if pyreft is None:
+                continue
+            fns = _pyreft(case, pyreft)
+        else:
+            fns = _ours(case, "torch" if prov == "torch" else "triton", recompute=prov == "fused-recompute")
+        for mode in modes:
+            if prov == "fused-recompute" and mode == "fwd":
+                continue  # without gradient it is the same kernel as "fused"
             if progress:
-                progress(f"N={N} {prov}")
-            if prov == "pyreft":
-                if pyreft_cls is None:
-                    continue
-                fwd, fb = _pyreft_fns(case, pyreft_cls, dtype)
-            else:
-                fwd, fb = _fused(case, "torch" if prov == "torch" else "triton", recompute=prov == "fused-recompute")
-            n_reps = reps if N <= 16384 else max(10, reps // 2)
-            if prov != "fused-recompute":  # the forward without gradient is the same kernel as "fused"
-                row[f"{prov}_fwd_us"] = H.time_per_call_us(fwd, reps=n_reps)
-            row[f"{prov}_fwdbwd_us"] = H.time_per_call_us(fb, reps=n_reps)
-        case.check_finite()
-        for prov in ("fused", "fused-recompute"):
-            if f"{prov}_fwdbwd_us" in row:
-                row[f"{prov}_fwdbwd_over_issue_floor"] = row[f"{prov}_fwdbwd_us"] / row["issue_floor_fwdbwd_us"]
-        if "fused_fwd_us" in row:
-            row["fused_fwd_over_floor"] = row["fused_fwd_us"] / row["issue_floor_fwd_us"]
-        rows.append(row)
+                progress(f"{case.type} {rows[mode]['dtype']} d={case.d} r={case.r} N={case.N} {mode} {prov}")
+            fn = fns[mode]
+            if mode == "bwd":
+                fn = fn(n_reps)
+                flush_l2()
+            rows[mode][f"{prov}_us"] = H.time_per_call_us(fn, reps=n_reps, warmup=WARMUP)
+            if prov == "fused" and count:
+                H.sync()
+                with count_launches() as c:
+                    fn()
+                H.sync()
+                rows[mode]["launches"] = c[0]
+            del fn
+        del fns
+        case.clear_grads()
+    case.check_data()
+    for mode, row in rows.items():
+        row["floor_MB"] = floor_bytes(case, mode) / 1e6
+        row["floor_us"] = floor_bytes(case, mode) / (bw * 1e9) * 1e6
+        if "fused" in providers:
+            row["ours_MB"] = ours_bytes(case, mode) / 1e6
+        f = row.get("fused_us")
+        if f:
+            row["fused_over_floor"] = f / row["floor_us"]
+            for other in ("torch", "pyreft"):
+                if f"{other}_us" in row:
+                    row[f"{other}_over_fused"] = row[f"{other}_us"] / f
+        # the README's headline floor: 5 N d bytes forward+backward, 2 N d forward (rows only)
+        row["rows_floor_us"] = floor_bytes(case, mode, rows_only=True) / (bw * 1e9) * 1e6
+    if "fused" in providers and count and "launches" in rows.get("bwd", {}):
+        expected = 2 + (_bwd_groups(case) > 1)
+        if rows["bwd"]["launches"] != expected:
+            print(f"  ops: warning: backward ran {rows['bwd']['launches']} kernels, the bytes model assumes {expected}")
+    return [rows[m] for m in modes]
+
+
+def run(groups, modes=MODES, reps=30, progress=None):
+    """Measures every case of `groups`; returns (rows, copy bandwidth in GB/s, skipped providers)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    skipped = {}
+    pyreft = None
+    if any("pyreft" in g[5] for g in groups):
+        pyreft, why = H.import_pyreft()
+        if pyreft is None:
+            skipped["pyreft"] = f"does not import here: {why}"
+    if device == "cpu" and any(p.startswith("fused") for g in groups for p in g[5]):
+        if not fe._backend.INTERPRET:
+            skipped["fused"] = "a CPU runs the Triton kernels only under TRITON_INTERPRET=1"
+            groups = [g[:5] + ([p for p in g[5] if not p.startswith("fused")],) for g in groups]
+    bw = copy_bandwidth_gbps()
+    rows = []
+    cases = [(c, providers) for *axes, providers in groups for c in itertools.product(*axes)]
+    label = lambda item: "{} {} d={} r={} N={}".format(*item[0])  # noqa: E731
+    # a bar on a terminal, "ops case k/n: ..." lines in a log (harness.progress, where the harness has it)
+    it = H.progress(cases, "ops case", label=label) if hasattr(H, "progress") else cases
+    for (type_, dt, d, r, N), providers in it:
+        case = Case(N, d, r, DTYPES[dt], device, type=type_)
+        rows += measure_case(case, modes, providers, pyreft, bw, reps, progress=progress)
         del case
         if device == "cuda":
             torch.cuda.empty_cache()
-    return rows, bw
+    _FLUSH.clear()
+    return rows, bw, skipped
+
+
+def headline_table(rows):
+    """The README's table (LoReFT d = 4096, r = 4, bf16) from the rows, with its column names."""
+    by = {}
+    for row in rows:
+        if _is_headline(row["type"], row["d"], row["r"], row["dtype"]):
+            by.setdefault(row["N"], {})[row["mode"]] = row
+    if not by:
+        return ""
+    out = []
+    for N, m in sorted(by.items()):
+        f, fb, b = m.get("fwd", {}), m.get("fwd+bwd", {}), m.get("bwd", {})
+        out.append({
+            "N rows": N, "fused fwd": f.get("fused_us", float("nan")), "torch fwd": f.get("torch_us", float("nan")),
+            "pyreft fwd": f.get("pyreft_us", float("nan")), "fused fwd+bwd": fb.get("fused_us", float("nan")),
+            "torch fwd+bwd": fb.get("torch_us", float("nan")), "pyreft fwd+bwd": fb.get("pyreft_us", float("nan")),
+            "floor fwd+bwd (5 N d bytes)": fb.get("rows_floor_us", float("nan")),
+            "fused-recompute fwd+bwd": fb.get("fused-recompute_us", float("nan")),
+            "fused bwd": b.get("fused_us", float("nan")), "torch bwd": b.get("torch_us", float("nan")),
+            "pyreft bwd": b.get("pyreft_us", float("nan")),
+        })
+    return H.markdown_table(out, list(out[0]))
 
 
 def small_n(N=64, d=4096, r=4, dtype=torch.bfloat16, calls=200):
@@ -189,7 +579,7 @@ def small_n(N=64, d=4096, r=4, dtype=torch.bfloat16, calls=200):
     for name, fn in timings.items():
         res[name] = H.time_per_call_us(fn, reps=7, warmup=20, calls=calls if "bwd" not in name else 50)
     res["eager_fwd_over_torch_add"] = res["eager_fused_fwd_us"] / res["eager_torch_add_us"]
-    case.check_finite()
+    case.check_data()
     return res
 
 
@@ -237,19 +627,21 @@ def tune(ns=(64, 1024, 16384, 131072), d=4096, r=4, dtype=torch.bfloat16):
 
             out.append({"N": N, "pass": "bwd (hidden grad)", "config": name, "us": H.time_per_call_us(f, reps=15),
                         "graph_us": H.graph_replay_us(f) if N <= 1024 else float("nan")})
-        case.check_finite()
+        case.check_data()
         del case, saved, stats
         torch.cuda.empty_cache()
     return out
 
 
-def profile_kernels(ns=(64, 131072), d=4096, r=4, dtype=torch.bfloat16):
-    """GPU time per kernel (torch.profiler) of one fused forward+backward, default configuration."""
+def profile_kernels(cases=None, d=4096, r=4, dtype=torch.bfloat16):
+    """GPU time per kernel (torch.profiler) of one fused forward+backward, default configuration: LoReFT
+    at N = 64 and 131072, every other type at 131072."""
     from torch.profiler import ProfilerActivity, profile
 
+    cases = cases or [("loreft", 64), ("loreft", 131072)] + [(t, 131072) for t in TYPES if t != "loreft"]
     rows = []
-    for N in ns:
-        case = Case(N, d, r, dtype, "cuda")
+    for type_, N in cases:
+        case = Case(N, d, r, dtype, "cuda", type=type_)
         _, fb = _fused(case, "triton")
         for _ in range(3):
             fb()
@@ -262,50 +654,71 @@ def profile_kernels(ns=(64, 131072), d=4096, r=4, dtype=torch.bfloat16):
         for ev in prof.key_averages():
             if ev.device_type.name == "CUDA" and ev.count >= reps:
                 us = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0)) / ev.count
-                rows.append({"N": N, "kernel": ev.key[:60], "calls_per_step": ev.count // reps, "us_per_call": us})
+                rows.append({"type": type_, "N": N, "kernel": ev.key[:60], "calls_per_step": ev.count // reps,
+                             "us_per_call": us})
         del case
         torch.cuda.empty_cache()
     return rows
 
 
 OP_COLUMNS = [
-    "N", "fused_fwd_us", "torch_fwd_us", "pyreft_fwd_us", "issue_floor_fwd_us", "fused_fwd_over_floor",
-    "fused_fwdbwd_us", "fused-recompute_fwdbwd_us", "torch_fwdbwd_us", "pyreft_fwdbwd_us",
-    "issue_floor_fwdbwd_us", "design_floor_fwdbwd_us", "design_floor_fwdbwd_recompute_us",
-    "fused_fwdbwd_over_issue_floor", "fused-recompute_fwdbwd_over_issue_floor",
+    "type", "dtype", "d", "r", "N", "mode", "fused_us", "fused-recompute_us", "torch_us", "pyreft_us",
+    "floor_MB", "floor_us", "ours_MB", "launches", "fused_over_floor", "torch_over_fused", "pyreft_over_fused",
 ]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, nargs="*", default=None)
+    ap.add_argument("--types", nargs="*", default=None, help=f"{', '.join(TYPES)} or all")
+    ap.add_argument("--modes", nargs="*", default=None, choices=MODES)
+    ap.add_argument("--n", type=int, nargs="*", default=None, help="edited rows N (multiples of 16)")
+    ap.add_argument("--d", type=int, nargs="*", default=None)
+    ap.add_argument("--r", type=int, nargs="*", default=None)
+    ap.add_argument("--dtype", nargs="*", default=None, choices=list(DTYPES))
+    ap.add_argument("--providers", nargs="*", default=None, choices=PROVIDERS)
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per figure (default 30 GPU, 10 CPU; "
+                    "halved from 16384 x 4096 x 2 bytes of rows on a GPU)")
+    ap.add_argument("--quick", action="store_true", help="every type at one shape, fewer repeats, no extras")
     ap.add_argument("--tune", action="store_true", help="also sweep block shapes (GPU)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     a = ap.parse_args(argv)
-    from pathlib import Path
 
+    t0 = time.time()
     out_dir = Path(a.out) if a.out else None
     env = H.environment()
     cuda = torch.cuda.is_available()
-    ns = a.n or ((64, 1024, 16384, 131072) if cuda else (64, 1024, 16384))
-    rows, bw = run(ns, progress=lambda s: print(f"  ops: {s}", flush=True))
-    env["copy_bandwidth_GBps"] = f"{bw:.0f}" if cuda else "n/a (CPU)"
+    custom = any(x is not None for x in (a.types, a.n, a.d, a.r, a.dtype, a.providers))
+    groups = custom_groups(a, cuda) if custom else default_groups(cuda, a.quick)
+    reps = a.reps or ((10 if a.quick else 30) if cuda else (3 if a.quick else 10))
+    modes = a.modes or list(MODES)
+    progress = lambda s: print(f"  ops: {s}", flush=True)  # noqa: E731
+    with H.cpu_threads(1):
+        rows, bw, skipped = run(groups, modes, reps, progress=progress)
+    env["copy_bandwidth_GBps"] = f"{bw:.0f}" + ("" if cuda else " (CPU, 256 MB copy)")
     notes = __doc__.split("\n", 1)[1]
     if not cuda:
-        notes += "\nCPU run: fp32, torch provider only. GPU figures (fused kernels, floors) need a GPU.\n"
-    print(H.write_results("ops", rows, OP_COLUMNS, env, notes, out_dir).read_text())
-    if cuda:
+        notes += ("\nCPU run: fp32, one torch thread (harness.cpu_threads), the torch and pyreft providers; the "
+                  "fused kernels' figures need a GPU. Not the product's claim.\n")
+    head = headline_table(rows)
+    if head:
+        notes += ("\nHeadline (the README's table: LoReFT, d = 4096, r = 4, bf16; floor = 5 N d bytes at the "
+                  f"measured bandwidth):\n\n{head}\n\nAll rows:\n")
+    notes += f"\nSuite time: {time.time() - t0:.0f} s ({len(rows)} rows).\n"
+    H.finish_suite("ops", rows, OP_COLUMNS, env, notes, skipped, a.out)
+    if cuda and not a.quick:
         sn = small_n()
-        cols = list(sn)
-        print(H.write_results("ops_small_n", [sn], cols, env, "N=64: GPU time under CUDA-graph replay and eager per-call times (same run).", out_dir).read_text())
+        print(H.write_results("ops_small_n", [sn], list(sn), env, "N=64: GPU time under CUDA-graph replay and "
+                              "eager per-call times (same run).", out_dir).read_text())
         prof = profile_kernels()
-        print(H.write_results("ops_profile", prof, ["N", "kernel", "calls_per_step", "us_per_call"], env,
-                              "GPU time per kernel of one fused forward+backward (torch.profiler).", out_dir).read_text())
-        if a.tune:
-            t = tune()
-            print(H.write_results("ops_tune", t, ["N", "pass", "config", "us", "graph_us"], env,
-                                  "Launcher-level sweep: rows = row-resident kernels, tiles = tl.dot column blocks; "
-                                  "main = backward step 2.", out_dir).read_text())
+        print(H.write_results("ops_profile", prof, ["type", "N", "kernel", "calls_per_step", "us_per_call"], env,
+                              "GPU time per kernel of one fused forward+backward (torch.profiler), d = 4096, r = 4, "
+                              "bf16.", out_dir).read_text())
+    if cuda and a.tune:
+        t = tune()
+        print(H.write_results("ops_tune", t, ["N", "pass", "config", "us", "graph_us"], env,
+                              "Launcher-level sweep: rows = row-resident kernels, tiles = tl.dot column blocks; "
+                              "main = backward step 2.", out_dir).read_text())
+    print(f"  ops: suite done in {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Orthonormalization suite: the cost of keeping R orthonormal, per training step, for L interventions.
 
 One training step needs every R once forward and its gradient once backward. Timed here: that pair
-alone (R from the parameters, then backward from given R gradients), at d = 4096, r = 4 unless given.
+alone (R from the parameters, then backward from given R gradients), at d = 4096, r = 4 unless given, for
+L = 1, 2, 4, 8, 16, 32 and 64 interventions (pyreft's provider only up to L = 2 on a CPU).
 Providers:
 - ours: reft_kernels' default ("stereographic"), all L interventions together (orthonormal_batch): the
   batched premap (a few torch ops), two Triton launches forward, two backward plus the premap's and one
@@ -49,7 +50,21 @@ def _step_fn(mods, grads, mode):
     return step
 
 
-def run(Ls=(1, 4, 16, 32, 64), d=4096, r=4, reps=50, progress=None):
+# L swept by default: 1 to 64 interventions (a model's layers, or layers x positions untied). On a CPU every
+# L runs for the torch provider (milliseconds) and pyreft's only up to CPU_PYREFT_MAX_L: its Householder map
+# at d = 4096 costs about 1 s per intervention per step there.
+LS = (1, 2, 4, 8, 16, 32, 64)
+CPU_PYREFT_MAX_L = 2
+
+
+def _pyreft_fits(L, d, cuda, pyreft_max_L):
+    if L * d * d * 4 > (8 << 30):  # its d x d buffers would not fit
+        return False
+    limit = pyreft_max_L if pyreft_max_L is not None else (None if cuda else CPU_PYREFT_MAX_L)
+    return limit is None or L <= limit
+
+
+def run(Ls=LS, d=4096, r=4, reps=50, progress=None, pyreft_max_L=None):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     bw = H.copy_bandwidth_gbps() if cuda else float("nan")
@@ -59,16 +74,19 @@ def run(Ls=(1, 4, 16, 32, 64), d=4096, r=4, reps=50, progress=None):
     if not cuda:
         providers = [p for p in providers if p[2] != "triton"]
     rows = []
-    for L in Ls:
+    for L in H.progress(Ls, "  orthonormal", label=lambda L: f"L = {L}"):
         row = {"L": L, "d": d, "r": r}
         for name, parametrization, backend, mode in providers:
-            if name == "pyreft" and (L * d * d * 4 > (8 << 30) or (not cuda and L > 1)):
-                continue  # its d x d buffers would not fit; on a CPU one step costs ~1.4 s per intervention
+            if name == "pyreft" and not _pyreft_fits(L, d, cuda, pyreft_max_L):
+                continue
             mods = _modules(L, d, r, parametrization, backend, device)
             grads = [torch.randn(r, d, device=device) for _ in range(L)]
             step = _step_fn(mods, grads, mode)
-            n = reps if name != "pyreft" else max(5, reps // 5)
-            row[f"{name}_us"] = H.time_per_call_us(step, reps=n, warmup=3)
+            if name != "pyreft":
+                n, warmup = reps, 3
+            else:  # seconds per step on a CPU: few repeats
+                n, warmup = (max(5, reps // 5), 3) if cuda else (3, 1)
+            row[f"{name}_us"] = H.time_per_call_us(step, reps=n, warmup=warmup)
             for m in mods:
                 m.zero_grad()
             Rs = compute_batched(mods)
@@ -93,18 +111,22 @@ COLUMNS = ["L", "d", "r", "ours_us", "ours-cholqr_us", "ours-per-module_us", "to
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--L", type=int, nargs="*", default=None)
+    ap.add_argument("--L", type=int, nargs="*", default=None, help=f"interventions (default {' '.join(map(str, LS))})")
     ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
-    Ls = a.L or ((1, 4, 16, 32, 64) if cuda else (1, 4, 32))
+    Ls = a.L or LS
     env = H.environment()
-    rows, bw = run(Ls, reps=50 if cuda else 10, progress=lambda s: print(f"  orthonormal: {s}", flush=True))
+    with H.cpu_threads(1):  # on a CPU: two threads collapse when anything else runs (harness.cpu_threads)
+        if not cuda:
+            env["cpu_threads"] = torch.get_num_threads()
+        rows, bw = run(Ls, reps=50 if cuda else 10, progress=lambda s: print(f"  orthonormal: {s}", flush=True))
     env["copy_bandwidth_GBps"] = f"{bw:.0f}" if cuda else "n/a (CPU)"
     notes = __doc__.split("\n", 1)[1]
     notes += "\nTimes in microseconds per training step (median); *_orth_err = max |R R^T - I| after the step.\n"
     if not cuda:
-        notes += "CPU run: torch providers only; the Triton figures and the floor need a GPU.\n"
+        notes += (f"CPU run: one torch thread, torch providers only; the Triton figures and the floor need a GPU. "
+                  f"pyreft up to L = {CPU_PYREFT_MAX_L} only (about 1 s per intervention per step here).\n")
     out = Path(a.out) if a.out else None
     print(H.write_results("orthonormal", rows, [c for c in COLUMNS if any(c in r for r in rows)], env, notes, out).read_text())
 

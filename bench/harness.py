@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -209,7 +210,68 @@ def write_results(suite: str, rows: Sequence[dict], columns: Sequence[str], env:
         w.writeheader()
         w.writerows(rows)
     (out_dir / f"{suite}.json").write_text(json.dumps({"env": env, "rows": list(rows)}, indent=1, default=str))
+    plotted = write_plots(suite, rows, env, out_dir)
+    if plotted:
+        with open(out_dir / f"{suite}.md", "a") as f:
+            f.write(f"\n{plotted}\n")
     return out_dir / f"{suite}.md"
+
+
+def write_plots(suite: str, rows: Sequence[dict], env: dict, out_dir: Path) -> str:
+    """The suite's PNGs beside its results (bench/plots.py; suites without a plotter get none). Returns the
+    markdown to append: the images, or a note line saying why there are none. Never raises: a plot must not
+    fail a suite (matplotlib missing, odd rows)."""
+    try:
+        from . import plots
+
+        paths = plots.plot_results(suite, rows, env, out_dir)
+    except ImportError as e:
+        return f"Plots: not drawn ({e}; they need matplotlib: pip install -e '.[bench]')."
+    except Exception as e:  # noqa: BLE001 - reported in the results, never fatal
+        return f"Plots: not drawn ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})."
+    return "\n".join(f"![{p.stem}]({p.name})" for p in paths)
+
+
+# ------------------------------------------------------------------------------------------------
+# progress
+# ------------------------------------------------------------------------------------------------
+
+_STDOUT = sys.stdout  # the real one: bars draw there while print() goes through tqdm.write
+
+
+def progress(iterable, desc: str, *, total: int | None = None, label: Callable[[object], str] | None = None):
+    """Yields the items of `iterable` with a progress bar (tqdm) on a terminal; elsewhere (a log, a pipe) one
+    plain line per item: "<desc> k/n: <label(item)>". While a bar is up, print() goes through tqdm.write,
+    so the suites' own lines scroll above the bar instead of breaking it. Bars nest (a suite's cases inside
+    the main job's suites)."""
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:
+            total = None
+    tty = getattr(_STDOUT, "isatty", lambda: False)()
+    bar_cls = None
+    if tty:
+        try:
+            from tqdm import tqdm as bar_cls
+            from tqdm.contrib import DummyTqdmFile
+        except ImportError:
+            bar_cls = None
+    if bar_cls is None:
+        for k, item in enumerate(iterable, 1):
+            print(f"{desc} {k}/{total if total is not None else '?'}{': ' + label(item) if label else ''}", flush=True)
+            yield item
+        return
+    nested = isinstance(sys.stdout, DummyTqdmFile)
+    with contextlib.ExitStack() as stack:
+        if not nested:
+            stack.enter_context(contextlib.redirect_stdout(DummyTqdmFile(_STDOUT)))
+        bar = stack.enter_context(bar_cls(iterable, desc=desc, total=total, file=_STDOUT, dynamic_ncols=True,
+                                          leave=not nested))
+        for item in bar:
+            if label:
+                bar.set_postfix_str(label(item))
+            yield item
 
 
 # ------------------------------------------------------------------------------------------------
