@@ -43,7 +43,6 @@ from . import harness as H
 
 RANK = 4
 POSITIONS = "f5+l5"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PLAIN = "plain"
 
 
@@ -137,18 +136,15 @@ def _block(prompt: Prompt, builder, layers, new: int):
 
 def _try(prompt: Prompt, builder, layers) -> str:
     """"" when the provider builds and generates here, else why not (optional providers only)."""
-    try:
+
+    def probe():
         generate, teardown = builder(prompt, layers)
         try:
             generate(2)
         finally:
             teardown()
-        return ""
-    except Exception as e:  # noqa: BLE001 - any failure of a third-party provider is reported, not raised
-        why = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
-        return why.splitlines()[0][:160]
-    finally:
-        gc.collect()
+
+    return H.failure_reason(probe)
 
 
 def run_shape(shape, batches, layer_counts, *, prompt_len, new, rounds, device, dtype, use_pyreft=True,
@@ -213,12 +209,9 @@ def main(argv=None):
                     help="interleaved repeats after the warm-up round (default 7 GPU, 3 CPU)")
     ap.add_argument("--no-pyreft", action="store_true", help="leave pyreft out even when it imports")
     ap.add_argument("--quick", action="store_true", help="the first shape, 2 repeats, N = 16 on a GPU")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 GPU, fp32 CPU)")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    H.add_model_args(ap)
     a = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    dtype = DTYPES[a.dtype] if a.dtype else dtype
+    cuda, device, dtype = H.model_device(a)
     shapes = a.shape or (["1b"] if cuda else ["tiny"])
     new, rounds = a.new or (128 if cuda else 8), a.rounds or (7 if cuda else 3)
     if a.quick:

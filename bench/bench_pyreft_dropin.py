@@ -37,7 +37,7 @@ import time
 import torch
 
 from . import harness as H
-from .bench_train_step import DTYPES, make_case
+from .bench_train_step import make_case
 
 RANK = 4
 POSITIONS = "f5+l5"
@@ -209,15 +209,12 @@ def main(argv=None):
                     help="interleaved rounds after the warm-up round (default 5 GPU, 3 CPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per provider per round (default 6 GPU, 3 CPU)")
     ap.add_argument("--quick", action="store_true", help="the first type only, 2 rounds of 2 timed steps")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model and W dtype (default bf16 GPU, fp32 CPU)")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    H.add_model_args(ap, "model and W dtype")
     a = ap.parse_args(argv)
     pyreft, why = H.import_pyreft()
     if pyreft is None:
         raise SystemExit(f"pyreft_dropin suite needs pyreft: {why}")
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    dtype = DTYPES[a.dtype] if a.dtype else dtype
+    cuda, device, dtype = H.model_device(a)
     defaults = GPU_CASES if cuda else CPU_CASES
     shapes = a.shape or list(defaults)
     cases = [(s, layers) for s in shapes for layers in (a.layers or defaults.get(s, ("all",)))]

@@ -52,7 +52,6 @@ from . import harness as H
 
 RANK = 4
 POSITIONS = "f5+l5"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LR = 1e-3
 PROVIDERS = ("frozen-forward", "bias-hook", "ours", "plain-torch", "pyreft", "lora")
 FLOOR = "bias-hook"
@@ -306,18 +305,15 @@ def _block(case: Case, builder, warmup: int, steps: int):
 def _try(case: Case, builder) -> str:
     """"" when the provider builds and steps here, else why not (optional providers only: a pyreft or
     peft that does not run with these transformers is reported as skipped, not fatal)."""
-    try:
+
+    def probe():
         built = builder(case)
         try:
             built.step()
         finally:
             built.teardown()
-        return ""
-    except Exception as e:  # noqa: BLE001 - any failure of a third-party provider is reported, not raised
-        why = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
-        return why.splitlines()[0][:160]
-    finally:
-        gc.collect()
+
+    return H.failure_reason(probe)
 
 
 def run_case(shape, layers, providers, *, batch, seq, rounds, warmup, steps, device, dtype, skipped, progress=None):
@@ -377,12 +373,9 @@ def main(argv=None):
                     help="interleaved rounds after the warm-up round (default 5 GPU, 3 CPU)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per provider per round (default 4 GPU, 3 CPU)")
     ap.add_argument("--quick", action="store_true", help="one case (the first shape, 4 layers), 2 rounds of 2 steps")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 GPU, fp32 CPU)")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    H.add_model_args(ap)
     a = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    dtype = DTYPES[a.dtype] if a.dtype else dtype
+    cuda, device, dtype = H.model_device(a)
     defaults = GPU_CASES if cuda else CPU_CASES
     shapes = a.shape or list(defaults)
     cases = [(s, layers) for s in shapes for layers in (a.layers or defaults.get(s, ("4", "all")))]

@@ -184,6 +184,37 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_model_args(ap, what: str = "model dtype") -> None:
+    """--dtype and --out, shared by the model-level suites (train_step, generate, pyreft_dropin)."""
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=f"{what} (default bf16 GPU, fp32 CPU)")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+
+
+def model_device(args) -> tuple[bool, str, torch.dtype]:
+    """(cuda?, device, dtype) of a model-level suite: bf16 on a GPU, fp32 on a CPU, unless --dtype says."""
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    return cuda, device, DTYPES[args.dtype] if args.dtype else dtype
+
+
+def failure_reason(probe) -> str:
+    """Runs probe(): "" when it works, else a one-line reason. For optional third-party providers (a pyreft
+    or peft that does not run with these transformers is reported as skipped, not raised)."""
+    import gc
+
+    try:
+        probe()
+        return ""
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        why = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
+        return why.splitlines()[0][:160]
+    finally:
+        gc.collect()
+
+
 def cpu_run_note(dtype: str, extra: str = "") -> str:
     """The line a model-level suite adds to its notes on a CPU run."""
     return (f"CPU run: {dtype}, the torch reference edit, one torch thread (harness.cpu_threads); not the "

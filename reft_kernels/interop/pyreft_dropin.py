@@ -184,8 +184,20 @@ class _FusedIntervention:
 
 
 class _ProjLayer:
-    """NoReFT / NodiReFT: a state dict decides whether proj_layer has a bias (b2), since pyreft's files do
-    not record add_bias and pyvene's loader rebuilds with the constructor defaults."""
+    """NoReFT / NodiReFT: the shared constructor (proj_layer W2 [+ b2 with add_bias], learned_source W, b,
+    dropout, act_fn), and a load_state_dict in which the state dict decides whether proj_layer has a bias
+    (b2), since pyreft's files do not record add_bias and pyvene's loader rebuilds with the constructor
+    defaults."""
+
+    def __init__(self, *, embed_dim=None, low_rank_dimension, dtype=_UNSET, act_fn=None, dropout=0.0,
+                 add_bias: bool = False, backend: Optional[str] = None, inplace: bool = True, **kwargs):
+        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, **kwargs, keep_last_dim=True)
+        self._setup(embed_dim, low_rank_dimension, act_fn, backend, inplace)
+        self.add_bias = bool(add_bias)
+        self.proj_layer = _linear(self._dim, self._rank, _dtype(dtype), bias=add_bias)
+        self.learned_source = _linear(self._dim, self._rank, _dtype(dtype))
+        self.dropout = nn.Dropout(dropout)
+        self.act_fn = ACT2FN[self._act_fn_name]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         has = self.proj_layer.bias is not None
@@ -212,12 +224,9 @@ def _dtype(dtype):
 _PYVENE_BASES = (SourcelessIntervention, TrainableIntervention, DistributedRepresentationIntervention)
 
 
-class LoreftIntervention(_FusedIntervention, *_PYVENE_BASES):
-    """LoReFT(h) = h + Rᵀ(act(Wh + b) − Rh), pyreft's LoreftIntervention on the fused edit.
-
-    Submodules as pyreft: rotate_layer (R [d, r] parametrized), learned_source (nn.Linear: W, b in
-    `dtype`), dropout, act_fn. state_dict() as pyreft: {"weight", "bias", "rotate_layer": R [d, r] fp32}.
-    """
+class _RotationAndLinearSource:
+    """LoReFT / DireftIntervention: the shared constructor (rotate_layer R, then learned_source W, b in
+    `dtype`, dropout, act_fn; pyreft's order of random draws) and operands (R, W, b)."""
 
     def __init__(self, *, embed_dim=None, low_rank_dimension, dtype=_UNSET, act_fn=None, dropout=0.0,
                  backend: Optional[str] = None, inplace: bool = True, **kwargs):
@@ -230,6 +239,14 @@ class LoreftIntervention(_FusedIntervention, *_PYVENE_BASES):
 
     def _operands(self):
         return self.rotation(), self.learned_source.weight, self.learned_source.bias, None
+
+
+class LoreftIntervention(_RotationAndLinearSource, _FusedIntervention, *_PYVENE_BASES):
+    """LoReFT(h) = h + Rᵀ(act(Wh + b) − Rh), pyreft's LoreftIntervention on the fused edit.
+
+    Submodules as pyreft: rotate_layer (R [d, r] parametrized), learned_source (nn.Linear: W, b in
+    `dtype`), dropout, act_fn. state_dict() as pyreft: {"weight", "bias", "rotate_layer": R [d, r] fp32}.
+    """
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         """pyreft's compact dict {weight, bias, rotate_layer: R [d, r]}; the full module state when a
@@ -263,16 +280,6 @@ class NoreftIntervention(_ProjLayer, _FusedIntervention, *_PYVENE_BASES):
     Submodules: proj_layer (nn.Linear: W2, b2 only with add_bias), learned_source (W, b), dropout, act_fn."""
 
     _names = ("proj_layer.weight", "learned_source.weight", "learned_source.bias", "proj_layer.bias")
-
-    def __init__(self, *, embed_dim=None, low_rank_dimension, dtype=_UNSET, act_fn=None, dropout=0.0,
-                 add_bias: bool = False, backend: Optional[str] = None, inplace: bool = True, **kwargs):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, **kwargs, keep_last_dim=True)
-        self._setup(embed_dim, low_rank_dimension, act_fn, backend, inplace)
-        self.add_bias = bool(add_bias)
-        self.proj_layer = _linear(self._dim, self._rank, _dtype(dtype), bias=add_bias)
-        self.learned_source = _linear(self._dim, self._rank, _dtype(dtype))
-        self.dropout = nn.Dropout(dropout)
-        self.act_fn = ACT2FN[self._act_fn_name]
 
     def _operands(self):
         return self.proj_layer.weight, self.learned_source.weight, self.learned_source.bias, self.proj_layer.bias
@@ -317,23 +324,11 @@ class LobireftIntervention(_FusedIntervention, *_PYVENE_BASES):
         return self.rotation(), None, self.learned_source, None
 
 
-class DireftIntervention(_FusedIntervention, *_PYVENE_BASES):
+class DireftIntervention(_RotationAndLinearSource, _FusedIntervention, *_PYVENE_BASES):
     """h + Rᵀ act(Wh + b) with R orthonormal, pyreft's DireftIntervention on the fused edit. Submodules:
     rotate_layer, learned_source (W, b), dropout, act_fn."""
 
     _subtract_proj = False
-
-    def __init__(self, *, embed_dim=None, low_rank_dimension, dtype=_UNSET, act_fn=None, dropout=0.0,
-                 backend: Optional[str] = None, inplace: bool = True, **kwargs):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, **kwargs, keep_last_dim=True)
-        self._setup(embed_dim, low_rank_dimension, act_fn, backend, inplace)
-        self._make_rotation()
-        self.learned_source = _linear(self._dim, self._rank, _dtype(dtype))
-        self.dropout = nn.Dropout(dropout)
-        self.act_fn = ACT2FN[self._act_fn_name]
-
-    def _operands(self):
-        return self.rotation(), self.learned_source.weight, self.learned_source.bias, None
 
 
 class NodireftIntervention(_ProjLayer, _FusedIntervention, *_PYVENE_BASES):
@@ -343,16 +338,6 @@ class NodireftIntervention(_ProjLayer, _FusedIntervention, *_PYVENE_BASES):
 
     _subtract_proj = False
     _names = ("proj_layer.weight", "learned_source.weight", "learned_source.bias", "proj_bias")
-
-    def __init__(self, *, embed_dim=None, low_rank_dimension, dtype=_UNSET, act_fn=None, dropout=0.0,
-                 add_bias: bool = False, backend: Optional[str] = None, inplace: bool = True, **kwargs):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, **kwargs, keep_last_dim=True)
-        self._setup(embed_dim, low_rank_dimension, act_fn, backend, inplace)
-        self.add_bias = bool(add_bias)
-        self.proj_layer = _linear(self._dim, self._rank, _dtype(dtype), bias=add_bias)
-        self.learned_source = _linear(self._dim, self._rank, _dtype(dtype))
-        self.dropout = nn.Dropout(dropout)
-        self.act_fn = ACT2FN[self._act_fn_name]
 
     def _operands(self):
         return self.proj_layer.weight, self.learned_source.weight, self.learned_source.bias, None
