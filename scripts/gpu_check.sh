@@ -3,10 +3,13 @@
 #   the test suite on the GPU (bf16 too), then the op benchmark (with pyreft beside it when its wheels are
 #   carried) and, with --tune, the block-shape sweep. Logs and a tarball of bench/results go to $OUT.
 # Usage (repo root, on the GPU machine):  bash scripts/gpu_check.sh [--tests-only|--bench-only] [--tune]
-#                                          [--suites=ops,orthonormal,convergence,train_step,generate]
-# One device call runs at most 10 minutes: the whole set does not fit in one. Split it, e.g.
-#   --tests-only;  --bench-only --suites=ops,orthonormal,convergence;  --bench-only --suites=train_step,generate
-# Carried folders (ignored by git): .gpu/whl (expecttest, which opcheck needs) and .gpu/pyreft-whl.
+#                                          [--suites=ops,orthonormal,convergence,train_step,generate,pyreft_dropin]
+# One device call runs at most 10 minutes; tests plus the whole benchmark will not fit in one, and the
+# benchmark alone has not been timed on a GPU yet. Split it, e.g.
+#   --tests-only;  --bench-only --suites=ops,orthonormal,convergence;  --bench-only --suites=train_step,generate,pyreft_dropin
+# Carried folders (ignored by git): .gpu/whl (expecttest, which opcheck needs; accelerate, which the Trainer
+# tests need; matplotlib and its wheels for the plots, optional: without it the suites note "not drawn")
+# and .gpu/pyreft-whl (pyreft, pyvene, transformers 4.45.1 and friends: ../shared/tools/pyreft-wheels.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 run_tests=1; run_bench=1; tune=""; suites=""
