@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import ReftConfig
-from .positions import last_token_locations, prefix_suffix_locations
+from .positions import scheme_locations
 
 IGNORE_INDEX = -100
 
@@ -26,16 +26,10 @@ def reft_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], config: R
     """One causal-LM training example: input_ids = prompt + answer, labels = -100 on the prompt, and
     intervention_locations [n_interventions, P] from the prompt (config.positions or `positions`, which may
     also be "last")."""
-    positions = positions if positions is not None else config.positions
-    if positions is None:
-        raise ValueError("config.positions is not set; pass positions='f5+l5' (or 'last')")
     prompt_ids, answer_ids = list(prompt_ids), list(answer_ids)
     mask = torch.ones(1, len(prompt_ids), dtype=torch.long)
-    if positions == "last":
-        locs = last_token_locations(mask, num_interventions=num_interventions)
-    else:
-        locs = prefix_suffix_locations(mask, positions, num_interventions=num_interventions,
-                                       share_weights=config.share_weights)
+    locs = scheme_locations(mask, positions if positions is not None else config.positions,
+                            num_interventions=num_interventions, share_weights=config.share_weights)
     return {"input_ids": torch.tensor(prompt_ids + answer_ids), "labels": torch.tensor(
         [IGNORE_INDEX] * len(prompt_ids) + answer_ids), "intervention_locations": locs[0]}
 

@@ -48,7 +48,7 @@ from ..modules.interventions import INTERVENTIONS, ReftIntervention
 from ..modules.orthonormal import _BATCHED, Orthonormal, orthonormal_batch
 from .config import ReftConfig
 from .locate import component_site, find_layers, hidden_size
-from .positions import check_locations, last_token_locations, prefix_suffix_locations
+from .positions import check_locations, scheme_locations
 
 CONFIG_NAME = "reft_config.json"
 WEIGHTS_NAME = "reft_model.safetensors"
@@ -337,14 +337,9 @@ class ReftModel(nn.Module):
         """intervention_locations [B, n_interventions, P] for prompts marked by attention_mask [B, T] (left or
         right padded), with the adapter's position scheme (reft_config.positions, or `positions`: "f{p}+l{s}"
         or "last")."""
-        positions = positions if positions is not None else self.reft_config.positions
-        if positions is None:
-            raise ValueError("reft_config.positions is not set; pass positions='f5+l5' (or 'last')")
-        if positions == "last":
-            return last_token_locations(attention_mask, num_interventions=self.num_interventions)
         share = self.reft_config.share_weights if share_weights is None else share_weights
-        return prefix_suffix_locations(attention_mask, positions, num_interventions=self.num_interventions,
-                                       share_weights=share)
+        return scheme_locations(attention_mask, positions if positions is not None else self.reft_config.positions,
+                                num_interventions=self.num_interventions, share_weights=share)
 
     # -- training helpers -----------------------------------------------------------------------
 

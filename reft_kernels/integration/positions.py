@@ -90,6 +90,18 @@ def last_token_locations(attention_mask: torch.Tensor, *, num_interventions: int
     return last[:, None, None].expand(-1, num_interventions, 1).contiguous()
 
 
+def scheme_locations(attention_mask: torch.Tensor, positions: Optional[str], *, num_interventions: int,
+                     share_weights: bool = True) -> torch.Tensor:
+    """Locations [B, num_interventions, P] for an adapter's position scheme: "last" or "f{p}+l{s}"
+    (ReftConfig.positions; None raises, naming the fix)."""
+    if positions is None:
+        raise ValueError("the ReftConfig's positions is not set; pass positions='f5+l5' (or 'last')")
+    if positions == "last":
+        return last_token_locations(attention_mask, num_interventions=num_interventions)
+    return prefix_suffix_locations(attention_mask, positions, num_interventions=num_interventions,
+                                   share_weights=share_weights)
+
+
 def check_locations(locations, batch: int, num_interventions: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Validates [B, n, P] locations (shape and dtype only: values on a GPU would need a sync; the kernels
     skip out-of-range positions) and returns them as int64 [n, B, P], contiguous, on `device`: one slice per
@@ -108,4 +120,5 @@ def check_locations(locations, batch: int, num_interventions: int, device: Optio
     return locations.transpose(0, 1).to(torch.long).contiguous()
 
 
-__all__ = ["check_locations", "last_token_locations", "parse_positions", "prefix_suffix_locations"]
+__all__ = ["check_locations", "last_token_locations", "parse_positions", "prefix_suffix_locations",
+           "scheme_locations"]
