@@ -30,6 +30,8 @@ Providers (the same run measures all of them on the same buffers):
   correctness tool, its times mean nothing)
 - fused-recompute: the same with recompute=True (the backward rebuilds the rows from the output); by
   default only for the headline LoReFT d = 4096, r = 4, bf16 rows
+- cpp: reft_kernels.reft_edit(backend="cpp"), the fused C++ CPU kernels of csrc/ (CPU runs; one pass over
+  the edited rows forward, one backward, the parameter gradients summed per thread chunk)
 - torch: reft_kernels.reft_edit(backend="torch"), the plain-PyTorch reference (gather, math, index_put_)
 - pyreft: pyreft's class for the type on the gathered [N, 1, d] rows (no gather or scatter, but the
   orthonormal types re-orthogonalize R on every call, through a d x d buffer); only when pyreft imports
@@ -80,7 +82,8 @@ from . import harness as H
 L2_BYTES = 50 << 20  # H100: 50 MB; the device's own figure is used when torch reports it
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PROVIDERS = ("fused", "fused-recompute", "torch", "pyreft")
+PROVIDERS = ("fused", "fused-recompute", "cpp", "torch", "pyreft")
+OURS = ("fused", "cpp")  # the providers whose ratios are reported against the others
 WARMUP = 5
 
 # type -> (kind in reft_kernels.modules.interventions, has the projection bias b2, extra pyreft keywords)
@@ -389,13 +392,15 @@ def default_groups(cuda: bool, quick: bool):
             # fp32 hidden (the ieee dot path, twice the bytes)
             (["loreft"], ["fp32"], [4096], [4], [1024, 131072], full),
         ]
-    cpu = ["torch", "pyreft"]
+    cpu = ["cpp", "torch", "pyreft"]
     if quick:
         return [(list(TYPES), ["fp32"], [512], [4], [64], cpu)]
     return [
         (list(TYPES), ["fp32"], [1024], [4], [64, 1024], cpu),
-        # the shape of the GPU headline, torch only (pyreft's d x d orthogonalization: ~1 s a call on a CPU)
-        (["loreft"], ["fp32"], [4096], [4], [64, 1024], ["torch"]),
+        # the shape of the GPU headline and the C++ kernels' goals (N <= 64 and N = 16384 at d = 4096, r = 4),
+        # without pyreft (its d x d orthogonalization: ~1 s a call on a CPU); bf16 storage too (the torch
+        # reference computes in fp32 from it, as the fused kernels do)
+        (["loreft"], ["fp32", "bf16"], [4096], [4], [16, 64, 1024, 16384], ["cpp", "torch"]),
     ]
 
 
@@ -439,7 +444,8 @@ def measure_case(case, modes, providers, pyreft, bw, reps, count=True, progress=
                 continue
             fns = _pyreft(case, pyreft)
         else:
-            fns = _ours(case, "torch" if prov == "torch" else "triton", recompute=prov == "fused-recompute")
+            backend = {"torch": "torch", "cpp": "cpp"}.get(prov, "triton")
+            fns = _ours(case, backend, recompute=prov == "fused-recompute")
         for mode in modes:
             if prov == "fused-recompute" and mode == "fwd":
                 continue  # without gradient it is the same kernel as "fused"
@@ -465,12 +471,13 @@ def measure_case(case, modes, providers, pyreft, bw, reps, count=True, progress=
         row["floor_us"] = floor_bytes(case, mode) / (bw * 1e9) * 1e6
         if "fused" in providers:
             row["ours_MB"] = ours_bytes(case, mode) / 1e6
-        f = row.get("fused_us")
-        if f:
-            row["fused_over_floor"] = f / row["floor_us"]
-            for other in ("torch", "pyreft"):
-                if f"{other}_us" in row:
-                    row[f"{other}_over_fused"] = row[f"{other}_us"] / f
+        for ours in OURS:
+            f = row.get(f"{ours}_us")
+            if f:
+                row[f"{ours}_over_floor"] = f / row["floor_us"]
+                for other in ("torch", "pyreft"):
+                    if f"{other}_us" in row:
+                        row[f"{other}_over_{ours}"] = row[f"{other}_us"] / f
         # the README's headline floor: 5 N d bytes forward+backward, 2 N d forward (rows only)
         row["rows_floor_us"] = floor_bytes(case, mode, rows_only=True) / (bw * 1e9) * 1e6
     if "fused" in providers and count and "launches" in rows.get("bwd", {}):
@@ -493,6 +500,15 @@ def run(groups, modes=MODES, reps=30, progress=None):
         if not fe._backend.INTERPRET:
             skipped["fused"] = "a CPU runs the Triton kernels only under TRITON_INTERPRET=1"
             groups = [g[:5] + ([p for p in g[5] if not p.startswith("fused")],) for g in groups]
+    if any("cpp" in g[5] for g in groups):
+        why = None
+        if device != "cpu":
+            why = "the C++ kernels run CPU tensors"
+        elif not rk.extension.available():
+            why = f"the C++ extension is unavailable: {rk.extension.load()[1]}"
+        if why:
+            skipped["cpp"] = why
+            groups = [g[:5] + ([p for p in g[5] if p != "cpp"],) for g in groups]
     bw = copy_bandwidth_gbps()
     rows = []
     cases = [(c, providers) for *axes, providers in groups for c in itertools.product(*axes)]
@@ -662,8 +678,9 @@ def profile_kernels(cases=None, d=4096, r=4, dtype=torch.bfloat16):
 
 
 OP_COLUMNS = [
-    "type", "dtype", "d", "r", "N", "mode", "fused_us", "fused-recompute_us", "torch_us", "pyreft_us",
+    "type", "dtype", "d", "r", "N", "mode", "fused_us", "fused-recompute_us", "cpp_us", "torch_us", "pyreft_us",
     "floor_MB", "floor_us", "ours_MB", "launches", "fused_over_floor", "torch_over_fused", "pyreft_over_fused",
+    "cpp_over_floor", "torch_over_cpp", "pyreft_over_cpp",
 ]
 
 
@@ -697,8 +714,8 @@ def main(argv=None):
     env["copy_bandwidth_GBps"] = f"{bw:.0f}" + ("" if cuda else " (CPU, 256 MB copy)")
     notes = __doc__.split("\n", 1)[1]
     if not cuda:
-        notes += ("\nCPU run: fp32, one torch thread (harness.cpu_threads), the torch and pyreft providers; the "
-                  "fused kernels' figures need a GPU. Not the product's claim.\n")
+        notes += ("\nCPU run: one torch thread (harness.cpu_threads) for every provider; cpp (the fused C++ CPU "
+                  "kernels), torch and pyreft. The fused Triton kernels' figures need a GPU.\n")
     head = headline_table(rows)
     if head:
         notes += ("\nHeadline (the README's table: LoReFT, d = 4096, r = 4, bf16; floor = 5 N d bytes at the "

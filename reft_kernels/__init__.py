@@ -8,7 +8,11 @@
     with rk.orthonormal_batch(model): ...               # every R of a model in one batched computation
     reft = rk.get_reft_model(hf_model, rk.ReftConfig(...))   # Hugging Face models: train, generate, save
     reft = rk.load_pyreft(hf_model, "pyreft_dir/")           # pyreft checkpoints in (rk.save_pyreft: out)
+
+CUDA tensors run the Triton kernels; CPU tensors the fused C++ kernels of csrc/ (compiled on first use,
+see reft_kernels.extension), or the PyTorch reference where no compiler is available.
 """
+from . import extension  # the C++ CPU kernels (csrc/), built or loaded on first use: rk.extension.available()
 from .backend import BACKEND_ENV
 from .modules import (BY_PYREFT_NAME, INTERVENTIONS, ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT, OrthoDiReFT,
                       Orthonormal, ReftIntervention, orthonormal_batch, orthonormality_error)

@@ -1,11 +1,15 @@
-"""Which implementation runs an op: the fused Triton kernels or the plain-PyTorch reference.
+"""Which implementation runs an op: the fused Triton kernels, the fused C++ CPU kernels, or the
+plain-PyTorch reference.
 
-- backend="triton": the fused kernels. CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set
-  before reft_kernels was imported (the Triton interpreter: slow, for tests).
+- backend="triton": the fused Triton kernels. CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was
+  set before reft_kernels was imported (the Triton interpreter: slow, for tests).
+- backend="cpp": the fused C++ kernels of csrc/ (reft_kernels.extension): CPU tensors, fp32/fp16/bf16.
+  Ops without a C++ kernel (the orthonormalization of R: r x d, tiny) run the torch reference under it.
 - backend="torch": the reference written with PyTorch ops (any device, any dtype torch supports, any
   transformers activation). It is also the "naive PyTorch" baseline of the benchmarks.
-- backend=None: the environment variable REFT_KERNELS_BACKEND ("triton" or "torch") if set, else
-  triton for CUDA tensors and torch otherwise. An explicit backend argument wins over the variable.
+- backend=None: the environment variable REFT_KERNELS_BACKEND ("triton", "cpp" or "torch") if set, else
+  triton for CUDA tensors, cpp for CPU tensors when the extension loads (it is built on first use), and
+  torch otherwise. An explicit backend argument wins over the variable.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import os
 import torch
 
 BACKEND_ENV = "REFT_KERNELS_BACKEND"
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "cpp", "torch")
 
 try:
     import triton  # noqa: F401  (availability probe)
@@ -28,22 +32,47 @@ except ImportError:
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(backend: str | None, hidden: torch.Tensor) -> str:
-    """The backend that will run an op on `hidden`; ValueError when the request cannot be served."""
+def cpp_available() -> bool:
+    """True when the C++ CPU kernels are loaded (building them on the first call; see extension.py)."""
+    from . import extension
+
+    return extension.available()
+
+
+def resolve(backend: str | None, hidden: torch.Tensor, has_cpp: bool = True) -> str:
+    """The backend that will run an op on `hidden`; ValueError when the request cannot be served.
+
+    has_cpp: whether the op has a C++ kernel; if not, "cpp" resolves to "torch"."""
     if backend is None:
         backend = os.environ.get(BACKEND_ENV) or None
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={backend!r}; expected one of {BACKENDS}")
     if backend is None:
-        backend = "triton" if hidden.is_cuda and HAS_TRITON else "torch"
+        if hidden.is_cuda and HAS_TRITON:
+            backend = "triton"
+        elif hidden.device.type == "cpu" and has_cpp and cpp_available():
+            backend = "cpp"
+        else:
+            backend = "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+        raise ValueError(f"backend must be None, 'triton', 'cpp' or 'torch', got {backend!r}")
     if backend == "triton":
         if not HAS_TRITON:
             raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
         if not hidden.is_cuda and not (hidden.device.type == "cpu" and INTERPRET):
             raise ValueError(
                 f"backend='triton' runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 set before "
-                f"importing reft_kernels; hidden is on {hidden.device}. Use backend='torch' here."
+                f"importing reft_kernels; hidden is on {hidden.device}. Use backend='cpp' or 'torch' here."
             )
+    if backend == "cpp":
+        if not has_cpp:
+            return "torch"
+        if hidden.device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs CPU tensors; hidden is on {hidden.device}. Use backend='triton' "
+                             "or 'torch' here.")
+        if not cpp_available():
+            from . import extension
+
+            raise ValueError(f"backend='cpp' needs the C++ extension, which is unavailable ({extension.load()[1]}); "
+                             "use backend='torch'")
     return backend

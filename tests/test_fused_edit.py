@@ -9,7 +9,7 @@ from reft_kernels.ops import activations, fused_edit
 from conftest import DEVICE
 from helpers import DTYPES, assert_close, make_params, reference_edit
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cpp"] if DEVICE == "cpu" else [])  # cpp: the C++ CPU kernels
 KINDS = ["loreft", "direft"]
 OPS = {"loreft": rk.loreft, "direft": rk.direft}
 
@@ -101,22 +101,24 @@ def test_unsupported_activation_falls_back_or_raises():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-def test_recompute_matches(kind, dtype):
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_recompute_matches(backend, kind, dtype):
     """recompute=True rebuilds the edited rows from the output instead of saving them."""
     for case in (CASES[1], CASES[2]):
         hidden, positions, params, grad_dir = _inputs(case, kind, dtype, seed=5)
-        got = run_op(kind, "triton", hidden, positions, params, grad_dir, recompute=True)
+        got = run_op(kind, backend, hidden, positions, params, grad_dir, recompute=True)
         want = run_reference(kind, hidden, positions, params, grad_dir)
         check_all(kind, got, want, dtype, scale=2.0)
 
 
-def test_recompute_detects_a_later_in_place_edit():
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_recompute_detects_a_later_in_place_edit(backend):
     hidden, positions, params, grad_dir = _inputs(CASES[1], "loreft", torch.float32)
     h = hidden.clone().requires_grad_(True)
     x = h * 1
     ps = [p.clone().requires_grad_(True) for p in params]
-    rk.loreft(x, positions, *ps, backend="triton", recompute=True)
-    rk.loreft(x, positions, *ps, backend="triton")  # edits the saved output again, in place
+    rk.loreft(x, positions, *ps, backend=backend, recompute=True)
+    rk.loreft(x, positions, *ps, backend=backend)  # edits the saved output again, in place
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (x * grad_dir).sum().backward()
 
@@ -216,10 +218,11 @@ def test_gradient_flags(backend):
     assert_close(got[1], want[1], torch.float32, "hidden gradient")
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_backward_is_deterministic(backend):
     hidden, positions, params, grad_dir = _inputs(CASES[4], "loreft", DTYPES[-1])
-    a = run_op("loreft", "triton", hidden, positions, params, grad_dir)
-    b = run_op("loreft", "triton", hidden, positions, params, grad_dir)
+    a = run_op("loreft", backend, hidden, positions, params, grad_dir)
+    b = run_op("loreft", backend, hidden, positions, params, grad_dir)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -285,7 +288,9 @@ def test_backend_environment_variable(monkeypatch):
 def test_default_backend_follows_device():
     from reft_kernels import backend
 
-    assert backend.resolve(None, torch.zeros(1, 1, 1)) == "torch"
+    # CPU tensors: the C++ kernels when the extension loads (CI builds it), else the torch reference
+    assert backend.resolve(None, torch.zeros(1, 1, 1)) == ("cpp" if backend.cpp_available() else "torch")
+    assert backend.resolve(None, torch.zeros(1, 1, 1), has_cpp=False) == "torch"
     if torch.cuda.is_available():
         assert backend.resolve(None, torch.zeros(1, 1, 1, device="cuda")) == "triton"
 

@@ -12,7 +12,7 @@ from reft_kernels.ops.orthonormal import orthonormalize_reference, stereographic
 from conftest import DEVICE
 from helpers import DTYPES, FAMILY, assert_close, reference_family
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cpp"] if DEVICE == "cpu" else [])  # cpp: the C++ CPU kernels
 KINDS = list(FAMILY)
 
 # (name, B, T, d, r, positions): padding, duplicates, batch 1, one position, d not a power of two, r = 1

@@ -85,7 +85,7 @@ def test_leaf_that_requires_grad_is_refused():
 
 def test_bad_backend_and_act():
     hidden, positions, params = _good()
-    with pytest.raises(ValueError, match="backend must be None, 'triton' or 'torch'"):
+    with pytest.raises(ValueError, match="backend must be None, 'triton', 'cpp' or 'torch'"):
         _call(hidden, positions, params, backend="cuda")
     with pytest.raises(TypeError, match="act must be None or a transformers ACT2FN name"):
         _call(hidden, positions, params, act=torch.relu)

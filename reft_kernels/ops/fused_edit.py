@@ -968,27 +968,35 @@ def _(grad_out, positions, rows, output, stats, lift, weight, source_linear, sub
 # ------------------------------------------------------------------------------------------------
 
 
-def _fwd(hidden, positions, lift, weight, bias, proj_bias, spec: EditSpec, dropout, seed, save):
-    """Forward through the registered op when torch.compile traces, else straight to the launcher: the
-    dispatcher round trip of a Python custom op costs tens of microseconds per call (bench/ measures
-    it), which is the whole budget of a small edit. Returns (saved rows or None, stats or None)."""
-    if torch.compiler.is_compiling():
-        saved, stats = torch.ops.reft_kernels.edit_fwd(
-            hidden, positions, lift, weight, bias, proj_bias, spec.source_linear, spec.subtract_proj, spec.act,
-            dropout, seed, save,
-        )
-        return saved, stats
+def _fwd(hidden, positions, lift, weight, bias, proj_bias, spec: EditSpec, dropout, seed, save, impl="triton"):
+    """Forward through a registered op when torch.compile traces, else straight to the implementation: the
+    dispatcher round trip of a Python custom op costs tens of microseconds per call (bench/ measures it),
+    which is the whole budget of a small edit. impl: "triton" (reft_kernels::edit_fwd, launcher) or "cpp"
+    (reft_kernels_cpp::edit_fwd, the C++ CPU kernel; a C++-registered op costs a few microseconds to call,
+    so eager calls go through the dispatcher too). Returns (saved rows or None, stats or None)."""
+    args = (hidden, positions, lift, weight, bias, proj_bias, spec.source_linear, spec.subtract_proj, spec.act,
+            dropout, seed, save)
+    compiling = torch.compiler.is_compiling()
+    if impl == "cpp" or compiling:
+        op = torch.ops.reft_kernels_cpp.edit_fwd if impl == "cpp" else torch.ops.reft_kernels.edit_fwd
+        saved, stats = op.default(*args)
+        if impl == "cpp" and not compiling:
+            torch.autograd.graph.increment_version(hidden)  # C++ ops without an autograd kernel do not bump it
+        return (saved if save >= 2 else None), (stats if save >= 1 else None)
     out = edit_fwd_triton(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, save)
     torch.autograd.graph.increment_version(hidden)  # what the registered op's declared mutation records
     return out
 
 
-def _bwd(grad_out, positions, rows, output, stats, lift, weight, spec: EditSpec, has_proj_bias, dropout, seed, need_dx):
-    if torch.compiler.is_compiling():
-        return torch.ops.reft_kernels.edit_bwd(
+def _bwd(grad_out, positions, rows, output, stats, lift, weight, spec: EditSpec, has_proj_bias, dropout, seed, need_dx,
+         impl="triton"):
+    if impl == "cpp" or torch.compiler.is_compiling():
+        op = torch.ops.reft_kernels_cpp.edit_bwd if impl == "cpp" else torch.ops.reft_kernels.edit_bwd
+        grad_hidden, grads = op.default(
             grad_out, positions, rows, output, stats, lift, weight, spec.source_linear, spec.subtract_proj,
             has_proj_bias, spec.act, dropout, seed, need_dx,
         )
+        return (grad_hidden if need_dx else None), grads
     return edit_bwd_triton(grad_out, positions, rows, output, stats, lift, weight, spec, has_proj_bias, dropout, seed, need_dx)
 
 
@@ -1016,13 +1024,14 @@ class EditFunction(torch.autograd.Function):
     traces it."""
 
     @staticmethod
-    def forward(ctx, hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, recompute):
+    def forward(ctx, hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, recompute, impl):
         recompute = recompute and dropout == 0.0
-        rows, stats = _fwd(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, 1 if recompute else 2)
+        rows, stats = _fwd(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, 1 if recompute else 2,
+                           impl)
         ctx.mark_dirty(hidden)
         ctx.save_for_backward(positions, None if recompute else rows, stats, lift, weight, bias, proj_bias,
                               hidden if recompute else None)
-        ctx.spec, ctx.dropout, ctx.seed, ctx.recompute = spec, dropout, seed, recompute
+        ctx.spec, ctx.dropout, ctx.seed, ctx.recompute, ctx.impl = spec, dropout, seed, recompute, impl
         return hidden
 
     @staticmethod
@@ -1032,7 +1041,7 @@ class EditFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         has_pb = proj_bias is not None
         grad_hidden, flat = _bwd(grad_out, positions, rows, output, stats, lift, weight, spec, has_pb, ctx.dropout,
-                                 ctx.seed, need[0])
+                                 ctx.seed, need[0], ctx.impl)
         d_lift, d_weight, d_bias, d_proj_bias = _split_grads(flat, spec, lift.shape[0], lift.shape[1], has_pb)
         return (
             grad_hidden if need[0] else None,
@@ -1041,7 +1050,7 @@ class EditFunction(torch.autograd.Function):
             _cast(d_weight, weight, need[3]),
             _cast(d_bias, bias, need[4]),
             _cast(d_proj_bias, proj_bias, need[5]),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -1050,6 +1059,7 @@ class EditFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 
 _warned_fallback: set[str] = set()
+FUSED = ("triton", "cpp")  # the backends with fused kernels (fp32 compute, activations.SUPPORTED)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1092,8 +1102,12 @@ def reft_edit(
     requested = backend
     _v.check_hidden_is_tensor(hidden)
     chosen = _backend.resolve(backend, hidden)
-    if chosen == "triton" and act not in _acts.SUPPORTED:
-        if requested == "triton":
+    if chosen == "cpp" and requested is None and any(
+        isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in (hidden, lift, weight, bias, proj_bias)
+    ):
+        chosen = "torch"  # the automatic choice: the fused kernels compute in fp32, float64 asks for the reference
+    if chosen in FUSED and act not in _acts.SUPPORTED:
+        if requested in FUSED:
             _acts.kernel_code(act)  # raises with the list of supported names
         if act not in _warned_fallback:
             _warned_fallback.add(act)
@@ -1125,14 +1139,21 @@ def reft_edit(
 
     for name, x in ((lift_name, lift), (weight_name, weight), (bias_name, bias), (proj_bias_name, proj_bias)):
         if x is not None and x.dtype == torch.float64:
-            raise TypeError(f"{name} is float64; backend='triton' computes in fp32. Use backend='torch' for float64")
+            raise TypeError(f"{name} is float64; backend={chosen!r} computes in fp32. Use backend='torch' for float64")
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout > 0 else 0
+    if chosen == "cpp" and not torch.compiler.is_compiling():
+        # eager: one C++ op with its autograd formula registered in C++ (csrc/edit_cpu.cpp), no Python
+        # autograd.Function on the way in or out; torch.compile traces EditFunction below instead
+        return torch.ops.reft_kernels_cpp.edit.default(
+            hidden, positions, lift, weight, bias, proj_bias, spec.source_linear, spec.subtract_proj, spec.act,
+            dropout, seed, recompute,
+        )
     if torch.is_grad_enabled() and (
         hidden.requires_grad or lift.requires_grad or bias.requires_grad
         or (weight is not None and weight.requires_grad) or (proj_bias is not None and proj_bias.requires_grad)
     ):
-        return EditFunction.apply(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, recompute)
-    _fwd(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, 0)  # inference: nothing saved
+        return EditFunction.apply(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, recompute, chosen)
+    _fwd(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, 0, chosen)  # inference: nothing saved
     return hidden
 
 
@@ -1162,11 +1183,11 @@ def loreft(
         W: [r, d]; b: [r]. Parameters may be fp32 while hidden is 16-bit: the math runs in fp32.
         act: None (identity) or a transformers ACT2FN name. The fused kernels support
             activations.SUPPORTED (relu, gelu, gelu_new, silu, tanh, sigmoid, ...); with backend=None any
-            other name runs the torch backend (with a one-time warning), with backend="triton" it raises.
+            other name runs the torch backend (with a one-time warning), with backend="triton"/"cpp" it raises.
         dropout, training: pyreft's dropout, applied to the whole output row at edited positions and only
             when training. The fused kernels regenerate the mask in the backward from a seed drawn from
             torch's CPU generator (torch.manual_seed makes runs repeatable).
-        backend: "triton", "torch" or None (see reft_kernels.backend).
+        backend: "triton", "cpp", "torch" or None (see reft_kernels.backend).
         recompute, check_positions: see reft_edit.
 
     Differentiable with respect to hidden, R, W and b.

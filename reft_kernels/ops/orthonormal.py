@@ -359,14 +359,15 @@ def orthonormalize(A: torch.Tensor, *, backend: Optional[str] = None) -> torch.T
     Args:
         A: [r, d] or a stack [L, r, d], full row rank (rank-deficient or zero rows give NaN), any scale.
             The Triton backend takes fp32 (pyreft keeps R in fp32); the torch backend any float dtype.
-        backend: "triton", "torch" or None (reft_kernels.backend). Ranks above MAX_TRITON_RANK run the
-            torch backend when backend is None.
+        backend: "triton", "torch" or None (reft_kernels.backend); "cpp" runs the torch backend (there is no
+            C++ kernel for this r x d op). Ranks above MAX_TRITON_RANK run the torch backend when backend is
+            None.
 
     Returns Q with A's shape and dtype, rows orthonormal, differentiable with respect to A.
     Triton: two launches forward and two backward for the whole stack, whatever L is.
     """
     check_stack(A)
-    chosen = _backend.resolve(backend, A)
+    chosen = _backend.resolve(backend, A, has_cpp=False)  # r x d: no C++ kernel pays off
     if chosen == "triton" and A.shape[-2] > MAX_TRITON_RANK:
         if backend == "triton":
             raise ValueError(f"backend='triton' orthonormalizes ranks up to {MAX_TRITON_RANK}, got r = {A.shape[-2]}; "

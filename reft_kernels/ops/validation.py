@@ -19,6 +19,7 @@ CHECK_POSITIONS_ENV = "REFT_KERNELS_CHECK_POSITIONS"
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+FUSED_BACKENDS = ("triton", "cpp")  # compute in fp32: no float64
 
 
 def _need_tensor(x, name: str) -> None:
@@ -38,7 +39,7 @@ def check_hidden_is_tensor(hidden) -> None:
 def check_hidden(hidden, backend: str) -> None:
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, d], got shape {tuple(hidden.shape)}")
-    allowed = KERNEL_DTYPES if backend == "triton" else KERNEL_DTYPES + (torch.float64,)
+    allowed = KERNEL_DTYPES if backend in FUSED_BACKENDS else KERNEL_DTYPES + (torch.float64,)
     _need_float(hidden, "hidden", allowed)
     # (not traceable: under torch.compile this check runs in eager calls only)
     if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(hidden) == 1:
@@ -68,7 +69,7 @@ def check_positions(positions, hidden: torch.Tensor, check_values: Optional[bool
     if torch.compiler.is_compiling():
         check_values = False  # reading values would break the graph; the kernels mask bad positions
     if check_values and positions.numel() > 0:
-        lo, hi = int(positions.min()), int(positions.max())
+        lo, hi = (int(v) for v in torch.aminmax(positions))  # one op: this check runs on every CPU call
         if lo < -1 or hi >= T:
             raise ValueError(f"positions must lie in [-1, T) with T={T} (-1 = no edit), got values in [{lo}, {hi}]")
     if positions.device != hidden.device:
