@@ -206,7 +206,7 @@ class Case:
 
 def _graph_count(case, reps):
     # never more graphs than timed calls: each call then meets a graph whose data is not in L2
-    return max(1, min(case.copies, WARMUP + reps))
+    return max(1, min(case.copies, _warmup(case, case.hidden[0].is_cuda) + reps))
 
 
 def _ours(case, backend, recompute=False):
@@ -427,8 +427,13 @@ def _is_headline(type_, d, r, dtype):
 
 def _reps(N, d, el, base, cuda):
     if not cuda:  # the torch reference takes ~2 s per fwd+bwd at N = 16384, d = 4096 on 2 cores
-        return base if N * d <= 1024 * 4096 else max(3, base // 2)
+        return base if N * d <= 1024 * 4096 else max(3, base // 3)
     return base if N * d * el <= 16384 * 4096 * 2 else max(10, base // 2)
+
+
+def _warmup(case, cuda):
+    # a CPU call on 16384 x 4096 rows takes seconds and has no caches or JIT to warm beyond the first
+    return WARMUP if cuda or case.N * case.d <= 1024 * 4096 else 1
 
 
 def measure_case(case, modes, providers, pyreft, bw, reps, count=True, progress=None):
@@ -455,7 +460,7 @@ def measure_case(case, modes, providers, pyreft, bw, reps, count=True, progress=
             if mode == "bwd":
                 fn = fn(n_reps)
                 flush_l2()
-            rows[mode][f"{prov}_us"] = H.time_per_call_us(fn, reps=n_reps, warmup=WARMUP)
+            rows[mode][f"{prov}_us"] = H.time_per_call_us(fn, reps=n_reps, warmup=_warmup(case, cuda))
             if prov == "fused" and count:
                 H.sync()
                 with count_launches() as c:

@@ -11,7 +11,10 @@ One computation covers the ReFT family. For a hidden row h (d wide) at an edited
 with L the lift matrix [r, d]. LoReFT: L = R, source act(Wh + b), subtract. DiReFT (the paper's, pyreft's
 NodireftIntervention): L = W2, source act(W1 h + b), no subtraction.
 
-Semantics shared by both backends
+The same contract has a C++ CPU implementation, csrc/edit_cpu.cpp (backend="cpp", registered from C++ as
+reft_kernels_cpp::edit_fwd / edit_bwd / edit; reft_kernels/extension.py builds and loads it).
+
+Semantics shared by every backend
 - hidden [B, T, d] is edited in place and returned; positions [B, P] name the rows, -1 = empty slot.
 - A row named twice in one batch row is edited once, by its first slot, and its gradient counted once
   (pyreft edits once but multiplies the gradient by the count).
