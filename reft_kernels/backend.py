@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from . import extension
+
 BACKEND_ENV = "REFT_KERNELS_BACKEND"
 BACKENDS = ("triton", "cpp", "torch")
 
@@ -34,8 +36,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def cpp_available() -> bool:
     """True when the C++ CPU kernels are loaded (building them on the first call; see extension.py)."""
-    from . import extension
-
     return extension.available()
 
 
@@ -71,8 +71,6 @@ def resolve(backend: str | None, hidden: torch.Tensor, has_cpp: bool = True) -> 
             raise ValueError(f"backend='cpp' runs CPU tensors; hidden is on {hidden.device}. Use backend='triton' "
                              "or 'torch' here.")
         if not cpp_available():
-            from . import extension
-
             raise ValueError(f"backend='cpp' needs the C++ extension, which is unavailable ({extension.load()[1]}); "
                              "use backend='torch'")
     return backend

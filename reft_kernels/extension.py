@@ -119,7 +119,8 @@ def load() -> tuple[bool, str]:
                     loaded, how = True, f"JIT build {jit_name()}"
             except Exception as e:  # no compiler, no ninja, a failed build: the Python paths still work
                 lines = str(e).strip().splitlines() or [type(e).__name__]
-                first = next((ln for ln in lines if "error" in ln.lower() and ln is not lines[0]), lines[0])[:300]
+                # a failed build's first line is the compiler command; the compiler's own error line says why
+                first = next((ln for ln in lines[1:] if "error" in ln.lower()), lines[0])[:300]
                 loaded, how = False, f"{type(e).__name__}: {first}"
                 warnings.warn(
                     f"reft_kernels: the C++ CPU kernels are unavailable ({how}); CPU tensors run the torch reference "
