@@ -5,8 +5,9 @@ default R parametrization against pyreft's exact one on a memorization task), tr
 training step of a Llama-shaped model against the bias-hook floor, pyreft and LoRA), generate (time to
 first token and per generated token against plain generate) and pyreft_dropin (pyreft's own training
 loop with its interventions against reft_kernels' drop-in classes; only where pyreft imports). On a CPU
-it takes a few minutes and times the torch providers only: the fused kernels' figures need a GPU (under
-the CPU interpreter Triton is a correctness tool, not a timing one). Each suite writes <suite>.md, .csv,
+it takes about 4 minutes on a fresh 2-core machine, setup included, and times the fused C++ CPU kernels
+(csrc/) and the torch providers: the fused Triton kernels' figures need a GPU (under the CPU interpreter
+Triton is a correctness tool, not a timing one). Each suite writes <suite>.md, .csv,
 .json and PNG plots (bench/plots.py); on a terminal a progress bar runs over the suites and their cases.
 
     python -m bench                                  # every suite
@@ -42,8 +43,9 @@ def _take_suites(argv):
 def main():
     t0 = time.time()
     if not torch.cuda.is_available():
-        print("No GPU here: timing the torch providers on the CPU only. The fused-kernel figures, floors and "
-              "ratios need a CUDA GPU (see README for the latest GPU results).", flush=True)
+        print("No GPU here: timing the fused C++ CPU kernels and the torch providers on the CPU. The fused "
+              "Triton kernels' figures, floors and ratios need a CUDA GPU (see README for the latest GPU "
+              "results).", flush=True)
     suites, argv = _take_suites(sys.argv[1:])
     out = argv[argv.index("--out") + 1:argv.index("--out") + 2] if "--out" in argv else []
     out_args = ["--out", *out] if out else []
@@ -69,8 +71,9 @@ def main():
     print(f"main job done in {time.time() - t0:.0f} s; results (markdown, CSV, JSON, PNG plots) under {where}/",
           flush=True)
     if not torch.cuda.is_available():
-        print("These are CPU figures of the torch reference: the fused kernels' times, floors and ratios need a "
-              "CUDA GPU.", flush=True)
+        print("These are CPU figures: the fused C++ CPU kernels (provider cpp) against the torch reference. The "
+              "fused Triton kernels' times, their floors and the training and generation overheads that the "
+              "README quotes need a CUDA GPU (bash scripts/gpu_check.sh).", flush=True)
 
 
 main()

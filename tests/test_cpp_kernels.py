@@ -254,6 +254,28 @@ def test_errors_name_the_argument():
         rk.loreft(hidden.double(), positions, R, W, b, backend="cpp")
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_position_values_are_checked_inside_the_op(grad):
+    """Eager cpp calls check position values in C++ (the pass that maps slots to rows), with the message of
+    validation.check_positions; check_positions=False makes bad positions empty slots, as the kernels'
+    contract says, and the registered edit_fwd never checks."""
+    hidden, positions, R, W, b = _op_args(0)
+    T = hidden.shape[1]
+    params = [p.clone().requires_grad_(grad) for p in (R, W, b)]
+    for bad, lo, hi in (([[0, T], [1, 2]], 0, T), ([[0, -2], [1, 2]], -2, 2)):
+        bad = torch.tensor(bad + [[0, 1]] * (positions.shape[0] - 2))
+        with torch.set_grad_enabled(grad), pytest.raises(
+                ValueError, match=rf"positions must lie in \[-1, T\) with T={T} \(-1 = no edit\), got values in "
+                                  rf"\[{lo}, {hi}\]"):
+            rk.loreft(hidden.clone(), bad, *params, backend="cpp")
+        masked = bad.masked_fill((bad < -1) | (bad >= T), -1)
+        with torch.set_grad_enabled(grad):
+            out = rk.loreft(hidden.clone(), bad, *params, backend="cpp", check_positions=False)
+            ref = rk.loreft(hidden.clone(), masked, *params, backend="cpp")
+        assert torch.equal(out, ref)
+        torch.ops.reft_kernels_cpp.edit_fwd(hidden.clone(), bad, R, W, b, None, True, True, "identity", 0.0, 0, 0)
+
+
 def test_default_on_cpu_and_float64_falls_back_to_torch():
     hidden, positions, R, W, b = _op_args(0)
     assert rk.backend.resolve(None, hidden) == "cpp"

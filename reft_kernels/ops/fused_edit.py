@@ -1119,7 +1119,9 @@ def reft_edit(
             warnings.warn(f"act={act!r} has no fused kernel; running the torch reference backend", stacklevel=3)
         chosen = "torch"
     _v.check_hidden(hidden, chosen)
-    positions = _v.check_positions(positions, hidden, check_positions)
+    # eager C++ calls check the position values inside the op, in the pass that maps slots to rows
+    cpp_eager = chosen == "cpp" and not torch.compiler.is_compiling()
+    positions = _v.check_positions(positions, hidden, False if cpp_eager else check_positions)
     lift_name, weight_name, bias_name, proj_bias_name = names
     if source_linear:
         r = _v.check_matrix(weight, weight_name, hidden, None)
@@ -1144,12 +1146,12 @@ def reft_edit(
         if x is not None and x.dtype == torch.float64:
             raise TypeError(f"{name} is float64; backend={chosen!r} computes in fp32. Use backend='torch' for float64")
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout > 0 else 0
-    if chosen == "cpp" and not torch.compiler.is_compiling():
+    if cpp_eager:
         # eager: one C++ op with its autograd formula registered in C++ (csrc/edit_cpu.cpp), no Python
         # autograd.Function on the way in or out; torch.compile traces EditFunction below instead
         return torch.ops.reft_kernels_cpp.edit.default(
             hidden, positions, lift, weight, bias, proj_bias, spec.source_linear, spec.subtract_proj, spec.act,
-            dropout, seed, recompute,
+            dropout, seed, recompute, _v.values_checked(positions, check_positions),
         )
     if torch.is_grad_enabled() and (
         hidden.requires_grad or lift.requires_grad or bias.requires_grad

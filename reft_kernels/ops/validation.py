@@ -54,6 +54,17 @@ def check_hidden(hidden, backend: str) -> None:
         )
 
 
+def values_checked(positions: torch.Tensor, check_values: Optional[bool]) -> bool:
+    """Whether position values are to be checked: check_values, where None means when they are on the CPU
+    (free) or REFT_KERNELS_CHECK_POSITIONS=1; never while torch.compile traces (reading values would break
+    the graph; the kernels mask bad positions)."""
+    if torch.compiler.is_compiling():
+        return False
+    if check_values is None:
+        return positions.device.type == "cpu" or os.environ.get(CHECK_POSITIONS_ENV) == "1"
+    return bool(check_values)
+
+
 def check_positions(positions, hidden: torch.Tensor, check_values: Optional[bool]) -> torch.Tensor:
     """Checks positions [B, P] and returns them on hidden's device."""
     _need_tensor(positions, "positions")
@@ -64,11 +75,7 @@ def check_positions(positions, hidden: torch.Tensor, check_values: Optional[bool
         raise ValueError(f"positions must be [B, P] with B={B} (hidden's batch), got shape {tuple(positions.shape)}")
     if positions.device != hidden.device and positions.device.type != "cpu":
         raise ValueError(f"positions must be on the CPU or on hidden's device {hidden.device}, got {positions.device}")
-    if check_values is None:
-        check_values = positions.device.type == "cpu" or os.environ.get(CHECK_POSITIONS_ENV) == "1"
-    if torch.compiler.is_compiling():
-        check_values = False  # reading values would break the graph; the kernels mask bad positions
-    if check_values and positions.numel() > 0:
+    if values_checked(positions, check_values) and positions.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(positions))  # one op: this check runs on every CPU call
         if lo < -1 or hi >= T:
             raise ValueError(f"positions must lie in [-1, T) with T={T} (-1 = no edit), got values in [{lo}, {hi}]")
