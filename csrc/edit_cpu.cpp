@@ -142,7 +142,7 @@ constexpr int kLanes = 16;
 // instead of once per row (the parameters, 2 r d fp32, are 128 KB at d = 4096, r = 4). With outer_add and
 // lift_add2 below, against one row at a time (LoReFT, d = 4096, r = 4, fp32, one thread, both builds
 // interleaved in one process, medians of 8 rounds on this repository's 2-core CPU machines): forward
-// 58 -> 55 us at N = 16 and 208 -> 187 us at N = 64; backward 139 -> 114 us and 530 -> 424 us.
+// 58 -> 55 us at N = 16 and 208 -> 192 us at N = 64; backward 139 -> 114 us and 530 -> 424 us.
 constexpr int kTokens = 4;
 constexpr int64_t kCols = 512;
 
