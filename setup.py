@@ -11,12 +11,31 @@ which targets the widest ISA of the building machine, as the JIT build does.
 """
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-ext_modules, cmdclass = [], {}
+
+
+class BuildPyWithSources(build_py):
+    """Also copies csrc/*.cpp into the built package (reft_kernels/csrc/), so that an installed wheel can
+    compile the C++ kernels just in time, as a source checkout does (reft_kernels/extension.py looks there
+    when the top-level csrc/ is absent). Editable installs read csrc/ itself."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        dest = Path(self.build_lib) / "reft_kernels" / "csrc"
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in sorted((HERE / "csrc").glob("*.cpp")):
+            shutil.copy2(src, dest / src.name)
+
+
+ext_modules, cmdclass = [], {"build_py": BuildPyWithSources}
 if os.environ.get("REFT_KERNELS_BUILD_CPP") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -27,6 +46,6 @@ if os.environ.get("REFT_KERNELS_BUILD_CPP") == "1":
     flags = ext.build_flags() if os.environ.get("REFT_KERNELS_NATIVE") == "1" else ext.build_flags("DEFAULT")
     ext_modules = [CppExtension(f"reft_kernels.{ext.AOT_NAME}", [f"csrc/{s}" for s in ext.SOURCES],
                                 extra_compile_args=flags)]
-    cmdclass = {"build_ext": BuildExtension}
+    cmdclass["build_ext"] = BuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -4,9 +4,11 @@
 1. REFT_KERNELS_CPP=0 in the environment: not loaded, no warning (the CPU default is then the torch
    reference).
 2. An ahead-of-time build that setup.py put inside the package (REFT_KERNELS_BUILD_CPP=1 at install).
-3. A just-in-time build of csrc/*.cpp with ninja (torch.utils.cpp_extension.load), cached under
-   TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilt only when a source or a flag
-   changes. A one-line message on stderr says when a compile starts (about 30 s on 2 cores).
+3. A just-in-time build of csrc/*.cpp with ninja (torch.utils.cpp_extension.load), from the top-level
+   csrc/ of a source checkout or the copy that wheels carry in reft_kernels/csrc/ (setup.py puts it
+   there); cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilt only when a
+   source or a flag changes. A one-line message on stderr says when a compile starts (about 30 s on 2
+   cores).
 If both fail (no compiler, no sources in the install), `available()` is False, one warning says why, and
 every op still works through the Triton or torch backends.
 
@@ -28,7 +30,9 @@ import torch
 
 ENV_SWITCH = "REFT_KERNELS_CPP"
 PACKAGE_DIR = Path(__file__).resolve().parent
-SOURCE_DIR = PACKAGE_DIR.parent / "csrc"
+# csrc/ of a source checkout (editable installs), else the copy setup.py puts inside wheels
+SOURCE_DIR = next((p for p in (PACKAGE_DIR.parent / "csrc", PACKAGE_DIR / "csrc") if (p / "edit_cpu.cpp").is_file()),
+                  PACKAGE_DIR.parent / "csrc")
 SOURCES = ("edit_cpu.cpp",)
 AOT_NAME = "_cpp"  # reft_kernels/_cpp*.so, built by setup.py
 
@@ -78,7 +82,8 @@ def _load_jit() -> None:
     sources = [SOURCE_DIR / s for s in SOURCES]
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
-        raise FileNotFoundError(f"C++ sources not found ({', '.join(missing)}); install from a source checkout")
+        raise FileNotFoundError(f"C++ sources not found ({', '.join(missing)}); reinstall reft-kernels from its "
+                                "wheel, sdist or a source checkout")
     try:  # the ninja wheel's binary, when the venv's bin/ is not on PATH
         import ninja
 

@@ -5,6 +5,7 @@ cannot be built. CPU tensors whatever the machine has."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -319,3 +320,42 @@ def test_switched_off_by_environment(tmp_path):
     r = _python(FALLBACK_CODE, {"REFT_KERNELS_CPP": "0", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert r.returncode == 0, r.stderr
     assert "backend torch warnings 0 equal True" in r.stdout, r.stdout + r.stderr
+
+
+def test_wheel_install_compiles_from_its_packaged_sources(tmp_path):
+    """A wheel (not an editable install) has no top-level csrc/: setup.py packs the C++ sources into
+    reft_kernels/csrc/, and the JIT build compiles from there (a fresh extension cache, so it really builds)."""
+    src = tmp_path / "src"
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((REPO / name).read_bytes())
+    for folder in ("csrc", "reft_kernels"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "_cpp*.so"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("reft_kernels-*.whl"))
+    site = tmp_path / "site"
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    code = """
+        import torch, reft_kernels as rk
+        from reft_kernels import extension
+        print("module", rk.__file__)
+        print("sources", extension.SOURCE_DIR)
+        h = torch.randn(2, 3, 8); pos = torch.tensor([[0, 2], [1, -1]])
+        R, W, b = torch.linalg.qr(torch.randn(8, 2))[0].t().contiguous(), torch.randn(2, 8), torch.randn(2)
+        want = rk.loreft(h.clone(), pos, R, W, b, backend="torch")
+        print("available", extension.available(), "close", torch.allclose(rk.loreft(h.clone(), pos, R, W, b, backend="cpp"), want, atol=1e-5))
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("REFT_KERNELS_CPP", "REFT_KERNELS_BACKEND", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(site), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"module {site / 'reft_kernels' / '__init__.py'}" in r.stdout, r.stdout
+    assert f"sources {site / 'reft_kernels' / 'csrc'}" in r.stdout, r.stdout
+    assert "available True close True" in r.stdout, r.stdout + r.stderr
+    assert "compiling the C++ CPU kernels" in r.stderr  # a real build, from the packaged sources
