@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 
 
 class BuildPyWithSources(build_py):
-    """Also copies csrc/*.cpp into the built package (reft_kernels/csrc/), so that an installed wheel can
+    """Also copies csrc/ (*.cpp, *.cu, *.h) into the built package (reft_kernels/csrc/), so that an installed wheel can
     compile the C++ kernels just in time, as a source checkout does (reft_kernels/extension.py looks there
     when the top-level csrc/ is absent). Editable installs read csrc/ itself."""
 
@@ -31,8 +31,9 @@ class BuildPyWithSources(build_py):
             return
         dest = Path(self.build_lib) / "reft_kernels" / "csrc"
         dest.mkdir(parents=True, exist_ok=True)
-        for src in sorted((HERE / "csrc").glob("*.cpp")):
-            shutil.copy2(src, dest / src.name)
+        for pattern in ("*.cpp", "*.cu", "*.h"):
+            for src in sorted((HERE / "csrc").glob(pattern)):
+                shutil.copy2(src, dest / src.name)
 
 
 ext_modules, cmdclass = [], {"build_py": BuildPyWithSources}

@@ -597,9 +597,31 @@ def small_n(N=64, d=4096, r=4, dtype=torch.bfloat16, calls=200):
         "eager_fused_fwdbwd_us": fb,
         "eager_torch_backend_fwdbwd_us": fb_torch,
     }
+    # the CUDA host path (csrc/edit_cuda.cu, issue 7): the registered op alone, and the public function
+    from reft_kernels import extension
+
+    host_ok, host_how = extension.load_cuda()
+    res["cuda_host_path"] = "built" if host_ok else f"unavailable: {host_how}"
+    if host_ok:
+        host_args = (*op_args[:-1], False, False)  # edit's trailing (recompute, check_positions)
+
+        def host_public_fwd():
+            with torch.no_grad():
+                rk.loreft(h0, case.positions, case.R, case.W, case.b, backend="cpp")
+
+        def host_op_fwd():
+            with torch.no_grad():
+                torch.ops.reft_kernels_cpp.edit.default(*host_args)
+
+        timings["eager_cuda_host_op_fwd_us"] = host_op_fwd
+        timings["eager_cuda_host_public_fwd_us"] = host_public_fwd
+        res["graph_cuda_host_fwd_us"] = H.graph_replay_us(host_op_fwd)
     for name, fn in timings.items():
         res[name] = H.time_per_call_us(fn, reps=7, warmup=20, calls=calls if "bwd" not in name else 50)
     res["eager_fwd_over_torch_add"] = res["eager_fused_fwd_us"] / res["eager_torch_add_us"]
+    if host_ok:  # the issue's goal: the op's eager forward within 1.2x of torch.add_
+        res["eager_cuda_host_op_over_torch_add"] = res["eager_cuda_host_op_fwd_us"] / res["eager_torch_add_us"]
+        res["eager_cuda_host_public_over_torch_add"] = res["eager_cuda_host_public_fwd_us"] / res["eager_torch_add_us"]
     case.check_data()
     return res
 

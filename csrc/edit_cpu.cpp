@@ -23,7 +23,9 @@
 //   C++ autograd::Function). A Python autograd.Function round trip costs ~150 us of host time per
 //   forward+backward on this repository's 2-core CPU machines, more than the arithmetic of 16 rows.
 //   Its check_positions flag raises a ValueError for position values outside [-1, T) (the public
-//   function's check, done here in the pass that maps slots to rows); edit_fwd never checks.
+//   function's check, done here in the pass that maps slots to rows); edit_fwd never checks. Calls
+//   without gradients go on to the device's kernel: the CPU one here, or the CUDA one of edit_cuda.cu
+//   (the CUDA host path, a separate extension built with nvcc where there is a GPU).
 //
 // Vectorization: the inner loops over d work on fp32 buffers, blocked so that they stay in L1 (kTokens,
 // kCols below), with independent accumulators (or 8-lane vector-extension values) so that the compiler
@@ -36,7 +38,10 @@
 #include <c10/util/Half.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/variable.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "activations.h"
 
 #include <algorithm>
 #include <cmath>
@@ -60,53 +65,9 @@ int64_t r_pad(int64_t r) {
   return std::max<int64_t>(16, p);
 }
 
-// Activation codes: reft_kernels/ops/activations.py SUPPORTED (the test suite checks every name).
-int act_code(const std::string& act) {
-  if (act == "identity" || act == "linear") return 0;
-  if (act == "relu") return 1;
-  if (act == "gelu") return 2;
-  if (act == "gelu_new" || act == "gelu_pytorch_tanh" || act == "gelu_fast") return 3;
-  if (act == "silu" || act == "swish") return 4;
-  if (act == "tanh") return 5;
-  if (act == "sigmoid") return 6;
-  if (act == "quick_gelu") return 7;
-  TORCH_CHECK(false, "reft_kernels_cpp: act='", act, "' has no fused kernel; use backend='torch' for it");
-}
-
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kInvSqrt2 = 0.7071067811865476f;
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;
-
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
-inline float act_fwd(float z, int code) {
-  switch (code) {
-    case 0: return z;
-    case 1: return z > 0.0f ? z : 0.0f;
-    case 2: return 0.5f * z * (1.0f + std::erf(z * kInvSqrt2));
-    case 3: return 0.5f * z * (1.0f + std::tanh(kSqrt2OverPi * (z + 0.044715f * z * z * z)));
-    case 4: return z * sigmoid(z);
-    case 5: return std::tanh(z);
-    case 6: return sigmoid(z);
-    default: return z * sigmoid(1.702f * z);
-  }
-}
-
-inline float act_grad(float z, int code) {
-  switch (code) {
-    case 0: return 1.0f;
-    case 1: return z > 0.0f ? 1.0f : 0.0f;
-    case 2: return 0.5f * (1.0f + std::erf(z * kInvSqrt2)) + z * kInvSqrt2Pi * std::exp(-0.5f * z * z);
-    case 3: {
-      float t = std::tanh(kSqrt2OverPi * (z + 0.044715f * z * z * z));
-      return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * 0.044715f * z * z);
-    }
-    case 4: { float s = sigmoid(z); return s * (1.0f + z * (1.0f - s)); }
-    case 5: { float t = std::tanh(z); return 1.0f - t * t; }
-    case 6: { float s = sigmoid(z); return s * (1.0f - s); }
-    default: { float s = sigmoid(1.702f * z); return s * (1.0f + 1.702f * z * (1.0f - s)); }
-  }
-}
+using reft_act::act_code;
+using reft_act::act_fwd;
+using reft_act::act_grad;
 
 // Triton's tl.rand(seed, offset): Philox 4x32, 10 rounds, counter (offset_lo, offset_hi, 0, 0), key
 // (seed_lo, seed_hi); the first word as int32, folded to non-negative, times 2^-31 (rounded down).
@@ -801,6 +762,17 @@ struct EditFunction : public torch::autograd::Function<EditFunction> {
   }
 };
 
+// The CPU kernel of edit: the forward alone, nothing saved (inference mode, and no-grad calls, which the
+// Autograd kernel below sends on to the device's kernel).
+at::Tensor edit_inference(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& lift,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& bias,
+                          const std::optional<at::Tensor>& proj_bias, bool source_linear, bool subtract_proj,
+                          c10::string_view act, double dropout, int64_t seed, bool, bool check_positions) {
+  edit_fwd_impl(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, seed, 0,
+                check_positions);
+  return hidden;
+}
+
 at::Tensor edit_autograd(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& lift,
                          const std::optional<at::Tensor>& weight, const at::Tensor& bias,
                          const std::optional<at::Tensor>& proj_bias, bool source_linear, bool subtract_proj,
@@ -809,25 +781,22 @@ at::Tensor edit_autograd(const at::Tensor& hidden, const at::Tensor& positions, 
                           (hidden.requires_grad() || lift.requires_grad() || bias.requires_grad() ||
                            (weight.has_value() && weight->requires_grad()) ||
                            (proj_bias.has_value() && proj_bias->requires_grad()));
-  if (needs_grad)
+  if (needs_grad) {
+    TORCH_CHECK(hidden.device().is_cpu(), "reft_kernels_cpp::edit: its autograd formula runs CPU tensors; CUDA calls "
+                "that need gradients take the Triton ops (reft_kernels.reft_edit routes them), got ", hidden.device());
     return EditFunction::apply(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj,
                                std::string(act), dropout, seed, recompute, check_positions);
+  }
   {
+    // no gradient: the device's own kernel (CPU here, CUDA in edit_cuda.cu when that extension is loaded)
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("reft_kernels_cpp::edit", "")
+                               .typed<decltype(edit_inference)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    edit_fwd_impl(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, seed, 0,
-                  check_positions);
+    op.call(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, seed,
+            recompute, check_positions);
   }
   if (!hidden.is_inference()) torch::autograd::impl::bump_version(hidden);  // the in-place write, for autograd
-  return hidden;
-}
-
-// Below autograd (inference mode): the forward alone, nothing saved.
-at::Tensor edit_inference(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& lift,
-                          const std::optional<at::Tensor>& weight, const at::Tensor& bias,
-                          const std::optional<at::Tensor>& proj_bias, bool source_linear, bool subtract_proj,
-                          c10::string_view act, double dropout, int64_t seed, bool, bool check_positions) {
-  edit_fwd_impl(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, seed, 0,
-                check_positions);
   return hidden;
 }
 

@@ -5,11 +5,15 @@ plain-PyTorch reference.
   set before reft_kernels was imported (the Triton interpreter: slow, for tests).
 - backend="cpp": the fused C++ kernels of csrc/ (reft_kernels.extension): CPU tensors, fp32/fp16/bf16.
   Ops without a C++ kernel (the orthonormalization of R: r x d, tiny) run the torch reference under it.
+  On CUDA tensors: the forward without gradients or dropout, a CUDA kernel launched from C++ (the host
+  path, csrc/edit_cuda.cu; built on first use); reft_edit refuses other CUDA calls under it.
 - backend="torch": the reference written with PyTorch ops (any device, any dtype torch supports, any
   transformers activation). It is also the "naive PyTorch" baseline of the benchmarks.
 - backend=None: the environment variable REFT_KERNELS_BACKEND ("triton", "cpp" or "torch") if set, else
   triton for CUDA tensors, cpp for CPU tensors when the extension loads (it is built on first use), and
-  torch otherwise. An explicit backend argument wins over the variable.
+  torch otherwise. An explicit backend argument wins over the variable. With REFT_KERNELS_CUDA_HOST=1,
+  reft_edit also sends eager CUDA calls without gradients or dropout to the host path (opt-in until
+  measured on a GPU).
 """
 from __future__ import annotations
 
@@ -67,9 +71,14 @@ def resolve(backend: str | None, hidden: torch.Tensor, has_cpp: bool = True) -> 
     if backend == "cpp":
         if not has_cpp:
             return "torch"
+        if hidden.is_cuda:
+            if not extension.cuda_available():
+                raise ValueError(f"backend='cpp' on CUDA tensors needs the CUDA host path, which is unavailable "
+                                 f"({extension.load_cuda()[1]}); use backend='triton'")
+            return backend
         if hidden.device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs CPU tensors; hidden is on {hidden.device}. Use backend='triton' "
-                             "or 'torch' here.")
+            raise ValueError(f"backend='cpp' runs CPU tensors, and CUDA tensors through the CUDA host path; hidden "
+                             f"is on {hidden.device}. Use backend='triton' or 'torch' here.")
         if not cpp_available():
             raise ValueError(f"backend='cpp' needs the C++ extension, which is unavailable ({extension.load()[1]}); "
                              "use backend='torch'")

@@ -1,4 +1,5 @@
-"""The C++ extension (csrc/): the fused CPU kernels, registered as torch.ops.reft_kernels_cpp.*.
+"""The C++ extension (csrc/): the fused CPU kernels, registered as torch.ops.reft_kernels_cpp.*, and the
+CUDA host path (load_cuda(), at the end): the CUDA kernel of reft_kernels_cpp::edit.
 
 `available()` loads it on first call, in this order:
 1. REFT_KERNELS_CPP=0 in the environment: not loaded, no warning (the CPU default is then the torch
@@ -142,3 +143,86 @@ def load() -> tuple[bool, str]:
 def available() -> bool:
     """True when the fused C++ CPU kernels can run (loading or building them on the first call)."""
     return load()[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA host path (csrc/edit_cuda.cu): reft_kernels_cpp::edit's CUDA kernel, launched from C++
+# ------------------------------------------------------------------------------------------------
+
+CUDA_SWITCH = "REFT_KERNELS_CUDA_HOST"
+CUDA_SOURCES = ("edit_cuda.cu",)
+
+
+def cuda_host_enabled() -> bool:
+    """Whether automatic backend choices send eager no-grad CUDA calls to the C++-launched kernel:
+    REFT_KERNELS_CUDA_HOST=1. Opt-in until its speed and correctness are measured on a GPU (issue 7)."""
+    return os.environ.get(CUDA_SWITCH) == "1"
+
+
+def cuda_jit_name() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"reft_kernels_cuda_sm{major}{minor}"
+
+
+def _load_cuda_jit() -> None:
+    from torch.utils import cpp_extension
+
+    sources = [SOURCE_DIR / s for s in CUDA_SOURCES]
+    missing = [str(s) for s in sources if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(f"CUDA sources not found ({', '.join(missing)})")
+    major, minor = torch.cuda.get_device_capability()
+    name = cuda_jit_name()
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    if not glob.glob(os.path.join(build_dir, f"{name}*.so")):
+        print(f"reft_kernels: compiling the CUDA host path ({name}, once, about a minute; cached in {build_dir})",
+              file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=COMMON_FLAGS,
+        # the GPU's own machine code (no PTX JIT at start-up)
+        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def load_cuda() -> tuple[bool, str]:
+    """Loads the CUDA host path (building it on first use); returns (loaded, how or why not). Needs a CUDA
+    device, torch built with CUDA, nvcc, and the C++ library (load()), which defines the op's schema."""
+    if "cuda_loaded" in _state:
+        return _state["cuda_loaded"], _state["cuda_how"]  # type: ignore[return-value]
+    reason = None
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        reason = "no CUDA device"
+    elif os.environ.get(ENV_SWITCH, "1") == "0":
+        reason = f"{ENV_SWITCH}=0"
+    cpu_ok, cpu_how = load() if reason is None else (False, reason)  # (takes the lock itself)
+    with _lock:
+        if "cuda_loaded" in _state:
+            return _state["cuda_loaded"], _state["cuda_how"]  # type: ignore[return-value]
+        if reason is not None:
+            loaded, how = False, reason
+        elif not cpu_ok:
+            loaded, how = False, f"the C++ library is unavailable ({cpu_how})"  # load() has warned
+        else:
+            try:
+                if not torch._C._dispatch_has_kernel_for_dispatch_key("reft_kernels_cpp::edit", "CUDA"):
+                    _load_cuda_jit()
+                loaded = torch._C._dispatch_has_kernel_for_dispatch_key("reft_kernels_cpp::edit", "CUDA")
+                how = f"JIT build {cuda_jit_name()}" if loaded else "the library registered no CUDA kernel"
+            except Exception as e:  # no nvcc, a failed build: the Triton path still works
+                lines = str(e).strip().splitlines() or [type(e).__name__]
+                first = next((ln for ln in lines[1:] if "error" in ln.lower()), lines[0])[:300]
+                loaded, how = False, f"{type(e).__name__}: {first}"
+            if not loaded:
+                warnings.warn(f"reft_kernels: the CUDA host path is unavailable ({how}); CUDA calls run the Triton "
+                              "ops.", RuntimeWarning, stacklevel=3)
+        _state["cuda_loaded"], _state["cuda_how"] = loaded, how
+        return loaded, how
+
+
+def cuda_available() -> bool:
+    """True when reft_kernels_cpp::edit has its CUDA kernel (loading or building it on the first call)."""
+    return load_cuda()[0]

@@ -52,6 +52,7 @@ from typing import Optional
 import torch
 
 from .. import backend as _backend
+from .. import extension as _extension
 from . import activations as _acts
 
 if _backend.HAS_TRITON:
@@ -1119,9 +1120,13 @@ def reft_edit(
             warnings.warn(f"act={act!r} has no fused kernel; running the torch reference backend", stacklevel=3)
         chosen = "torch"
     _v.check_hidden(hidden, chosen)
+    compiling = torch.compiler.is_compiling()
+    if chosen == "cpp" and hidden.is_cuda and compiling:
+        chosen = "triton"  # the CUDA host path serves eager calls; compiled graphs take the Triton ops
     # eager C++ calls check the position values inside the op, in the pass that maps slots to rows
-    cpp_eager = chosen == "cpp" and not torch.compiler.is_compiling()
+    cpp_eager = chosen == "cpp" and not compiling
     positions = _v.check_positions(positions, hidden, False if cpp_eager else check_positions)
+    check_in_op = cpp_eager and _v.values_checked(positions, check_positions)
     lift_name, weight_name, bias_name, proj_bias_name = names
     if source_linear:
         r = _v.check_matrix(weight, weight_name, hidden, None)
@@ -1146,17 +1151,25 @@ def reft_edit(
         if x is not None and x.dtype == torch.float64:
             raise TypeError(f"{name} is float64; backend={chosen!r} computes in fp32. Use backend='torch' for float64")
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout > 0 else 0
-    if cpp_eager:
-        # eager: one C++ op with its autograd formula registered in C++ (csrc/edit_cpu.cpp), no Python
-        # autograd.Function on the way in or out; torch.compile traces EditFunction below instead
-        return torch.ops.reft_kernels_cpp.edit.default(
-            hidden, positions, lift, weight, bias, proj_bias, spec.source_linear, spec.subtract_proj, spec.act,
-            dropout, seed, recompute, _v.values_checked(positions, check_positions),
-        )
-    if torch.is_grad_enabled() and (
+    needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or lift.requires_grad or bias.requires_grad
         or (weight is not None and weight.requires_grad) or (proj_bias is not None and proj_bias.requires_grad)
-    ):
+    )
+    if (requested is None and chosen == "triton" and hidden.is_cuda and not compiling and not needs_grad
+            and dropout == 0.0 and _extension.cuda_host_enabled() and _extension.cuda_available()):
+        cpp_eager = True  # REFT_KERNELS_CUDA_HOST=1: eager inference on CUDA takes the C++-launched kernel
+    if cpp_eager:
+        if hidden.is_cuda and (needs_grad or dropout > 0):
+            raise ValueError("backend='cpp' on CUDA tensors runs the forward without gradients or dropout (the CUDA "
+                             "host path, csrc/edit_cuda.cu); use backend='triton' to train")
+        # eager: one C++ op (csrc/): on the CPU with its autograd formula registered in C++, no Python
+        # autograd.Function on the way in or out; on CUDA a kernel launched from C++. torch.compile traces
+        # EditFunction below instead
+        return torch.ops.reft_kernels_cpp.edit.default(
+            hidden, positions, lift, weight, bias, proj_bias, spec.source_linear, spec.subtract_proj, spec.act,
+            dropout, seed, recompute, check_in_op,
+        )
+    if needs_grad:
         return EditFunction.apply(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, recompute, chosen)
     _fwd(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, 0, chosen)  # inference: nothing saved
     return hidden
