@@ -54,7 +54,7 @@ def resolve(backend: str | None, hidden: torch.Tensor, has_cpp: bool = True) -> 
     if backend is None:
         if hidden.is_cuda and HAS_TRITON:
             backend = "triton"
-        elif hidden.device.type == "cpu" and has_cpp and cpp_available():
+        elif hidden.is_cpu and has_cpp and cpp_available():
             backend = "cpp"
         else:
             backend = "torch"
@@ -76,7 +76,7 @@ def resolve(backend: str | None, hidden: torch.Tensor, has_cpp: bool = True) -> 
                 raise ValueError(f"backend='cpp' on CUDA tensors needs the CUDA host path, which is unavailable "
                                  f"({extension.load_cuda()[1]}); use backend='triton'")
             return backend
-        if hidden.device.type != "cpu":
+        if not hidden.is_cpu:
             raise ValueError(f"backend='cpp' runs CPU tensors, and CUDA tensors through the CUDA host path; hidden "
                              f"is on {hidden.device}. Use backend='triton' or 'torch' here.")
         if not cpp_available():

@@ -54,6 +54,7 @@ import torch
 from .. import backend as _backend
 from .. import extension as _extension
 from . import activations as _acts
+from . import validation as _v
 
 if _backend.HAS_TRITON:
     import triton
@@ -1066,6 +1067,13 @@ _warned_fallback: set[str] = set()
 FUSED = ("triton", "cpp")  # the backends with fused kernels (fp32 compute, activations.SUPPORTED)
 
 
+def _has_float64(*tensors) -> bool:
+    for x in tensors:  # (a loop: this runs on every automatic CPU call)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
+            return True
+    return False
+
+
 @functools.lru_cache(maxsize=None)
 def _spec(source_linear: bool, subtract_proj: bool, act: str) -> EditSpec:
     return EditSpec(source_linear=source_linear, subtract_proj=subtract_proj, act=act)
@@ -1099,16 +1107,12 @@ def reft_edit(
     check_positions: None checks position values when they are on the CPU (free) and skips the check for
     device tensors (it would sync); True or False forces it (see validation.py).
     """
-    from . import validation as _v
-
     act = _acts.canonical(act)
     spec = _spec(source_linear, subtract_proj, act)
     requested = backend
     _v.check_hidden_is_tensor(hidden)
     chosen = _backend.resolve(backend, hidden)
-    if chosen == "cpp" and requested is None and any(
-        isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in (hidden, lift, weight, bias, proj_bias)
-    ):
+    if chosen == "cpp" and requested is None and _has_float64(hidden, lift, weight, bias, proj_bias):
         chosen = "torch"  # the automatic choice: the fused kernels compute in fp32, float64 asks for the reference
     if chosen in FUSED and act not in _acts.SUPPORTED:
         if requested in FUSED:

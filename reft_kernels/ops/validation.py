@@ -20,6 +20,7 @@ CHECK_POSITIONS_ENV = "REFT_KERNELS_CHECK_POSITIONS"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 FUSED_BACKENDS = ("triton", "cpp")  # compute in fp32: no float64
+PARAM_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def _need_tensor(x, name: str) -> None:
@@ -93,7 +94,7 @@ def check_matrix(x, name: str, hidden: torch.Tensor, r: Optional[int]) -> int:
         raise ValueError(f"{name} must be {want} (d = hidden.shape[-1]), got shape {tuple(x.shape)}")
     if not 1 <= x.shape[0] <= d:
         raise ValueError(f"{name} must have 1 <= r <= d={d} rows, got r={x.shape[0]}")
-    _need_float(x, name, KERNEL_DTYPES + (torch.float64,))
+    _need_float(x, name, PARAM_DTYPES)
     if x.device != hidden.device:
         raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {x.device}")
     return x.shape[0]
@@ -103,7 +104,7 @@ def check_vector(x, name: str, hidden: torch.Tensor, r: int) -> None:
     _need_tensor(x, name)
     if x.shape != (r,):
         raise ValueError(f"{name} must be [{r}] (r), got shape {tuple(x.shape)}")
-    _need_float(x, name, KERNEL_DTYPES + (torch.float64,))
+    _need_float(x, name, PARAM_DTYPES)
     if x.device != hidden.device:
         raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {x.device}")
 
