@@ -488,7 +488,8 @@ struct BwdArgs {
 };
 
 // Per-thread fp32 buffers of the backward: a block's grad_out rows and input rows, one column chunk of the
-// hidden gradient, and per-row r-vectors.
+// hidden gradient, and per-row r-vectors: d_delta, dz, delta (from the stats), and coef, which holds
+// -delta while the input rows are rebuilt (recompute) and -d_delta after that.
 struct BwdBuffers {
   std::vector<float> g, u, buf, d_delta, dz, coef, delta;
   BwdBuffers(int64_t d, int64_t r)

@@ -77,11 +77,13 @@ def _load_aot() -> bool:
     return False
 
 
-def _load_jit() -> None:
+def _jit_build(name: str, sources: tuple[str, ...], what: str, **flags) -> None:
+    """Compiles (or loads from the cache) csrc/<sources> as the library `name` with ninja, saying so on
+    stderr when it compiles; flags go to torch.utils.cpp_extension.load."""
     from torch.utils import cpp_extension
 
-    sources = [SOURCE_DIR / s for s in SOURCES]
-    missing = [str(s) for s in sources if not s.is_file()]
+    paths = [SOURCE_DIR / s for s in sources]
+    missing = [str(s) for s in paths if not s.is_file()]
     if missing:
         raise FileNotFoundError(f"C++ sources not found ({', '.join(missing)}); reinstall reft-kernels from its "
                                 "wheel, sdist or a source checkout")
@@ -91,18 +93,18 @@ def _load_jit() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    name = jit_name()
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     if not glob.glob(os.path.join(build_dir, f"{name}*.so")):
-        print(f"reft_kernels: compiling the C++ CPU kernels ({name}, once; cached in {build_dir})", file=sys.stderr,
-              flush=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in sources],
-        extra_cflags=build_flags(),
-        is_python_module=False,
-        verbose=False,
-    )
+        print(f"reft_kernels: compiling {what} ({name}, once; cached in {build_dir})", file=sys.stderr, flush=True)
+    cpp_extension.load(name=name, sources=[str(s) for s in paths], is_python_module=False, verbose=False, **flags)
+
+
+def _failure(e: Exception) -> str:
+    """A failed load or build in one line: a failed build's first line is the compiler command, the
+    compiler's own error line says why."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    first = next((ln for ln in lines[1:] if "error" in ln.lower()), lines[0])[:300]
+    return f"{type(e).__name__}: {first}"
 
 
 def load() -> tuple[bool, str]:
@@ -121,13 +123,10 @@ def load() -> tuple[bool, str]:
                 if _load_aot():
                     loaded, how = True, "ahead-of-time build"
                 else:
-                    _load_jit()
+                    _jit_build(jit_name(), SOURCES, "the C++ CPU kernels", extra_cflags=build_flags())
                     loaded, how = True, f"JIT build {jit_name()}"
             except Exception as e:  # no compiler, no ninja, a failed build: the Python paths still work
-                lines = str(e).strip().splitlines() or [type(e).__name__]
-                # a failed build's first line is the compiler command; the compiler's own error line says why
-                first = next((ln for ln in lines[1:] if "error" in ln.lower()), lines[0])[:300]
-                loaded, how = False, f"{type(e).__name__}: {first}"
+                loaded, how = False, _failure(e)
                 warnings.warn(
                     f"reft_kernels: the C++ CPU kernels are unavailable ({how}); CPU tensors run the torch reference "
                     f"backend. Set {ENV_SWITCH}=0 to skip the build and this warning.",
@@ -164,30 +163,6 @@ def cuda_jit_name() -> str:
     return f"reft_kernels_cuda_sm{major}{minor}"
 
 
-def _load_cuda_jit() -> None:
-    from torch.utils import cpp_extension
-
-    sources = [SOURCE_DIR / s for s in CUDA_SOURCES]
-    missing = [str(s) for s in sources if not s.is_file()]
-    if missing:
-        raise FileNotFoundError(f"CUDA sources not found ({', '.join(missing)})")
-    major, minor = torch.cuda.get_device_capability()
-    name = cuda_jit_name()
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    if not glob.glob(os.path.join(build_dir, f"{name}*.so")):
-        print(f"reft_kernels: compiling the CUDA host path ({name}, once, about a minute; cached in {build_dir})",
-              file=sys.stderr, flush=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in sources],
-        extra_cflags=COMMON_FLAGS,
-        # the GPU's own machine code (no PTX JIT at start-up)
-        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
-        is_python_module=False,
-        verbose=False,
-    )
-
-
 def load_cuda() -> tuple[bool, str]:
     """Loads the CUDA host path (building it on first use); returns (loaded, how or why not). Needs a CUDA
     device, torch built with CUDA, nvcc, and the C++ library (load()), which defines the op's schema."""
@@ -209,13 +184,15 @@ def load_cuda() -> tuple[bool, str]:
         else:
             try:
                 if not torch._C._dispatch_has_kernel_for_dispatch_key("reft_kernels_cpp::edit", "CUDA"):
-                    _load_cuda_jit()
+                    sm = "".join(str(v) for v in torch.cuda.get_device_capability())
+                    # the GPU's own machine code (no PTX JIT at start-up)
+                    _jit_build(cuda_jit_name(), CUDA_SOURCES, "the CUDA host path (about a minute)",
+                               extra_cflags=COMMON_FLAGS,
+                               extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{sm},code=sm_{sm}"])
                 loaded = torch._C._dispatch_has_kernel_for_dispatch_key("reft_kernels_cpp::edit", "CUDA")
                 how = f"JIT build {cuda_jit_name()}" if loaded else "the library registered no CUDA kernel"
             except Exception as e:  # no nvcc, a failed build: the Triton path still works
-                lines = str(e).strip().splitlines() or [type(e).__name__]
-                first = next((ln for ln in lines[1:] if "error" in ln.lower()), lines[0])[:300]
-                loaded, how = False, f"{type(e).__name__}: {first}"
+                loaded, how = False, _failure(e)
             if not loaded:
                 warnings.warn(f"reft_kernels: the CUDA host path is unavailable ({how}); CUDA calls run the Triton "
                               "ops.", RuntimeWarning, stacklevel=3)

@@ -2,8 +2,10 @@
 CI (which has no GPU and runs the interpreter) still catches what only the GPU compiler rejects: the
 Triton kernels (compile_sm90.py) and the CUDA host path's kernel (csrc/edit_cuda.cu, with nvcc)."""
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,8 @@ def test_kernels_compile_for_sm90():
 
 
 def _nvcc():
-    import shutil
-
-    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(default) if default.is_file() else None)
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="no nvcc on this machine (CI machines have CUDA 13's)")
@@ -37,8 +38,6 @@ def test_cuda_host_path_compiles_for_sm90(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [f"-I{tmp_path / 'include'}"] + [f"-I{p}" for p in include_paths()]
-    import sysconfig
-
     cmd = [_nvcc(), "-c", "-O3", "-std=c++20", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v",
            "-Xcompiler", "-fPIC", "-DTORCH_EXTENSION_NAME=reft_kernels_cuda_sm90", f"-I{sysconfig.get_paths()['include']}",
            *includes, str(ROOT / "csrc" / "edit_cuda.cu"), "-o", str(tmp_path / "edit_cuda.o")]

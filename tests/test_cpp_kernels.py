@@ -286,11 +286,14 @@ def test_default_on_cpu_and_float64_falls_back_to_torch():
     assert torch.equal(out, ref)
 
 
-def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+def _python(code: str, env: dict, pythonpath=None, cwd=None) -> subprocess.CompletedProcess:
+    """Runs code in a fresh interpreter without the developer's REFT_KERNELS_* switches; reft_kernels comes
+    from this checkout unless pythonpath names another place."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("REFT_KERNELS_CPP", "REFT_KERNELS_BACKEND")}
-    full_env.update(env, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = str(pythonpath) if pythonpath else str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    full_env.update(env, PYTHONPATH=path)
     return subprocess.run([sys.executable, "-W", "always::RuntimeWarning", "-c", textwrap.dedent(code)],
-                          env=full_env, capture_output=True, text=True, timeout=300)
+                          env=full_env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 FALLBACK_CODE = """
@@ -350,10 +353,7 @@ def test_wheel_install_compiles_from_its_packaged_sources(tmp_path):
         want = rk.loreft(h.clone(), pos, R, W, b, backend="torch")
         print("available", extension.available(), "close", torch.allclose(rk.loreft(h.clone(), pos, R, W, b, backend="cpp"), want, atol=1e-5))
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("REFT_KERNELS_CPP", "REFT_KERNELS_BACKEND", "PYTHONPATH")}
-    env.update(PYTHONPATH=str(site), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = _python(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, pythonpath=site, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"module {site / 'reft_kernels' / '__init__.py'}" in r.stdout, r.stdout
     assert f"sources {site / 'reft_kernels' / 'csrc'}" in r.stdout, r.stdout
