@@ -8,7 +8,8 @@
 // - hidden [B, T, d] is edited in place; positions [B, P] name rows, -1 or out of range = empty slot; a
 //   position named twice in a batch row is edited once, by its first slot, and its gradient counted once.
 // - Everything is computed in fp32 whatever the storage (fp32, fp16, bf16 hidden; parameters of any of
-//   those): rows are widened into a per-thread fp32 buffer right after the load.
+//   those): fp16/bf16 rows (and fp32 rows with a column stride) are widened into a per-thread fp32
+//   buffer right after the load; fp32 rows with unit stride are read and edited where they lie.
 // - Per-slot stats [N, 2, R_PAD] fp32 hold z and delta for the backward (zeros for slots that edit
 //   nothing), R_PAD = max(16, next power of two >= r), the Triton kernels' layout.
 // - Dropout draws Triton's Philox (tl.rand(seed, n * d + col), 10 rounds), so a mask is bit-for-bit the
@@ -27,7 +28,7 @@
 //   without gradients go on to the device's kernel: the CPU one here, or the CUDA one of edit_cuda.cu
 //   (the CUDA host path, a separate extension built with nvcc where there is a GPU).
 //
-// Vectorization: the inner loops over d work on fp32 buffers, blocked so that they stay in L1 (kTokens,
+// Vectorization: the inner loops over d work on fp32 rows, blocked so that they stay in L1 (kTokens,
 // kCols below), with independent accumulators (or 8-lane vector-extension values) so that the compiler
 // vectorizes them without -ffast-math; the loader compiles this file with the widest ISA the machine
 // has (AVX2/FMA or AVX-512), see extension.py.
@@ -49,6 +50,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -104,8 +106,14 @@ constexpr int kLanes = 16;
 // lift_add2 below, against one row at a time (LoReFT, d = 4096, r = 4, fp32, one thread, both builds
 // interleaved in one process, medians of 8 rounds on this repository's 2-core CPU machines): forward
 // 58 -> 55 us at N = 16 and 208 -> 192 us at N = 64; backward 139 -> 114 us and 530 -> 424 us.
-constexpr int kTokens = 4;
-constexpr int64_t kCols = 512;
+#ifndef REFT_KT
+#define REFT_KT 4
+#endif
+#ifndef REFT_KC
+#define REFT_KC 512
+#endif
+constexpr int kTokens = REFT_KT;
+constexpr int64_t kCols = REFT_KC;
 
 // 8 fp32 lanes (the GCC/Clang vector extension: one AVX2 register, or two SSE ones in the portable build);
 // unaligned, and allowed to alias the float buffers it is read from.
@@ -163,37 +171,55 @@ inline void dots(const float* x, const float* M, int64_t r, int64_t ld, int64_t 
   }
 }
 
-// y[0:len] += sum_k coef[k] M[k][0:len] over the r rows of M (row stride ld), four rows per pass over y.
-inline void lift_add(const float* coef, const float* M, int64_t r, int64_t ld, int64_t len, float* y) {
+// y[0:len] = src[0:len] + sum_k coef[k] M[k][0:len] over the r rows of M (row stride ld), four rows per
+// pass (src may be y).
+inline void lift_add(const float* coef, const float* M, int64_t r, int64_t ld, int64_t len, const float* src,
+                     float* y) {
   int64_t k = 0;
-  for (; k + 4 <= r; k += 4) {
+  for (; k + 4 <= r; k += 4, src = y) {
     const float *m0 = M + k * ld, *m1 = m0 + ld, *m2 = m1 + ld, *m3 = m2 + ld;
     const float c0 = coef[k], c1 = coef[k + 1], c2 = coef[k + 2], c3 = coef[k + 3];
-    for (int64_t c = 0; c < len; ++c) y[c] += c0 * m0[c] + c1 * m1[c] + c2 * m2[c] + c3 * m3[c];
+    for (int64_t c = 0; c < len; ++c) y[c] = src[c] + (c0 * m0[c] + c1 * m1[c] + c2 * m2[c] + c3 * m3[c]);
   }
-  for (; k < r; ++k) {
+  for (; k < r; ++k, src = y) {
     const float* m = M + k * ld;
     const float ck = coef[k];
-    for (int64_t c = 0; c < len; ++c) y[c] += ck * m[c];
+    for (int64_t c = 0; c < len; ++c) y[c] = src[c] + ck * m[c];
   }
 }
 
-// y[0:len] += sum_k ca[k] A[k][0:len] + cb[k] B[k][0:len]: both lifts of the backward's hidden gradient in
-// one pass over y (eight parameter rows per pass for r a multiple of 4).
+// y[0:len] = src[0:len] + sum_k ca[k] A[k][0:len] + cb[k] B[k][0:len]: both lifts of the backward's hidden
+// gradient in one pass (eight parameter rows per pass for r a multiple of 4; src may be y).
 inline void lift_add2(const float* ca, const float* A, const float* cb, const float* B, int64_t r, int64_t ld,
-                      int64_t len, float* y) {
+                      int64_t len, const float* src, float* y) {
   int64_t k = 0;
-  for (; k + 4 <= r; k += 4) {
+  for (; k + 4 <= r; k += 4, src = y) {
     const float *a0 = A + k * ld, *a1 = a0 + ld, *a2 = a1 + ld, *a3 = a2 + ld;
     const float *b0 = B + k * ld, *b1 = b0 + ld, *b2 = b1 + ld, *b3 = b2 + ld;
     const float p0 = ca[k], p1 = ca[k + 1], p2 = ca[k + 2], p3 = ca[k + 3];
     const float q0 = cb[k], q1 = cb[k + 1], q2 = cb[k + 2], q3 = cb[k + 3];
     for (int64_t c = 0; c < len; ++c)
-      y[c] += (p0 * a0[c] + p1 * a1[c] + p2 * a2[c] + p3 * a3[c]) + (q0 * b0[c] + q1 * b1[c] + q2 * b2[c] + q3 * b3[c]);
+      y[c] = src[c] + ((p0 * a0[c] + p1 * a1[c] + p2 * a2[c] + p3 * a3[c]) +
+                       (q0 * b0[c] + q1 * b1[c] + q2 * b2[c] + q3 * b3[c]));
   }
   if (k < r) {
-    lift_add(ca + k, A + k * ld, r - k, ld, len, y);
-    lift_add(cb + k, B + k * ld, r - k, ld, len, y);
+    lift_add(ca + k, A + k * ld, r - k, ld, len, src, y);
+    lift_add(cb + k, B + k * ld, r - k, ld, len, y, y);
+  }
+}
+
+// sum_t coef[t r + k] v[t] over t < NT as a pairwise tree rather than a serial chain of FMAs, each waiting
+// on the last (GCC does not reassociate without -ffast-math). A small gain: fp32 backward 316 -> 304 us at
+// N = 64, bf16 442 -> 424 us (d = 4096, r = 4). The loop is bound by the L1 traffic of the gradient rows
+// (see part_ld); a variant looping over parameter rows outside, coefficients held in registers, measured
+// the same.
+template <int NT>
+inline vf8 tree(const float* coef, int64_t r, int64_t k, const vf8* v) {
+  if constexpr (NT == 1) {
+    return coef[k] * v[0];
+  } else {
+    constexpr int H = NT / 2;
+    return tree<H>(coef, r, k, v) + tree<NT - H>(coef + H * r, r, k, v + H);
   }
 }
 
@@ -215,16 +241,10 @@ void outer_add(const float* ca, const float* const* g, const float* cb, const fl
       uv[t] = use_u ? vload(u[t] + c) : gv[t];
     }
     for (int64_t k = 0; k < r; ++k) {
-      vf8 acc = vload(dA + k * ld + c);
-      for (int t = 0; t < NT; ++t) acc += ca[t * r + k] * gv[t];
-      if (cb)
-        for (int t = 0; t < NT; ++t) acc += cb[t * r + k] * uv[t];
-      vstore(dA + k * ld + c, acc);
-      if (dB) {
-        vf8 bacc = vload(dB + k * ld + c);
-        for (int t = 0; t < NT; ++t) bacc += cc[t * r + k] * uv[t];
-        vstore(dB + k * ld + c, bacc);
-      }
+      vf8 s = tree<NT>(ca, r, k, gv);
+      if (cb) s += tree<NT>(cb, r, k, uv);
+      vstore(dA + k * ld + c, vload(dA + k * ld + c) + s);
+      if (dB) vstore(dB + k * ld + c, vload(dB + k * ld + c) + tree<NT>(cc, r, k, uv));
     }
   }
   for (int64_t c = lv; c < len; ++c)
@@ -287,8 +307,13 @@ REFT_NO_MEMCPY inline void zero_floats(float* x, int64_t n) {
 // position an earlier slot of its batch row already names. check: raise a ValueError (the message of
 // validation.check_positions) for values outside [-1, T) instead; the public function asks for it on
 // eager calls, which saves the Python-side min/max pass (~10 us a call).
+// (Every ATen call costs ~1 us through the dispatcher on these machines, so CPU int64 positions, the
+// common case, are read as they are.)
 std::vector<int64_t> slot_rows(const at::Tensor& positions, int64_t T, bool check = false) {
-  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  at::Tensor pos = positions;
+  if (!pos.is_cpu()) pos = pos.cpu();
+  if (pos.scalar_type() != at::kLong) pos = pos.to(at::kLong);
+  pos = pos.contiguous();
   const int64_t B = pos.size(0), P = pos.size(1);
   const int64_t* p = pos.data_ptr<int64_t>();
   if (check && B * P > 0) {
@@ -312,7 +337,9 @@ std::vector<int64_t> slot_rows(const at::Tensor& positions, int64_t T, bool chec
   return rows;
 }
 
-at::Tensor as_fp32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+at::Tensor as_fp32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
 
 void check_common(const at::Tensor& x, const char* x_name, const at::Tensor& positions, const at::Tensor& lift,
                   const std::optional<at::Tensor>& weight, bool source_linear) {
@@ -335,6 +362,14 @@ void check_common(const at::Tensor& x, const char* x_name, const at::Tensor& pos
 
 // Number of fixed row chunks for the parameter-gradient partial sums: enough work per chunk to pay for
 // a thread, never more chunks than threads.
+// Row stride of the backward's parameter-gradient sums: d plus one cache line (they are copied into the
+// flat layout at the end). With a stride that is a multiple of 4 KB (d = 4096) the 2 r gradient rows, and
+// the rows of grad_out and of the saved input beside them (16 KB apart as well), all fall into the same L1
+// set at a given column, more lines than its 8 ways: the padding took the fp32 backward from 108 to 88 us
+// at N = 16 and from 303 to 288 us at N = 64 (d = 4096, r = 4, one thread, this repository's 2-core CPU
+// machines). Padding our widened-row buffers or copying L and W to padded rows measured no gain.
+inline int64_t part_ld(int64_t d) { return d + 16; }
+
 int64_t n_chunks(int64_t rows, int64_t d) {
   const int64_t work = std::max<int64_t>(1, rows * d / (1 << 15));
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(rows, work)));
@@ -359,18 +394,19 @@ struct FwdArgs {
   float* stats;  // [N, 2, rp] or null
 };
 
-// One block of nt <= kTokens edited rows: x holds them widened to fp32 (nt x d), slots their slot numbers,
-// h where each is written back.
+// One block of nt <= kTokens edited rows: x[t] is row t in fp32 (hidden's own row, edited in place, when
+// direct; else a widened copy, stored back to h[t] at the end), slots their slot numbers.
 template <typename T>
-void fwd_block(int nt, const int64_t* slots, T* const* h, float* x, float* z, float* q, float* delta, const FwdArgs& a) {
+void fwd_block(int nt, const int64_t* slots, T* const* h, float* const* x, bool direct, float* z, float* q,
+               float* delta, const FwdArgs& a) {
   const int64_t d = a.d, r = a.r;
   std::fill(z, z + nt * r, 0.0f);
   std::fill(q, q + nt * r, 0.0f);
   for (int64_t c0 = 0; c0 < d; c0 += kCols) {
     const int64_t len = std::min(kCols, d - c0);
     for (int t = 0; t < nt; ++t) {
-      if (a.source_linear) dots(x + t * d + c0, a.W + c0, r, d, len, z + t * r);
-      if (a.subtract_proj) dots(x + t * d + c0, a.L + c0, r, d, len, q + t * r);
+      if (a.source_linear) dots(x[t] + c0, a.W + c0, r, d, len, z + t * r);
+      if (a.subtract_proj) dots(x[t] + c0, a.L + c0, r, d, len, q + t * r);
     }
   }
   for (int t = 0; t < nt; ++t)
@@ -389,11 +425,11 @@ void fwd_block(int nt, const int64_t* slots, T* const* h, float* x, float* z, fl
     }
   for (int64_t c0 = 0; c0 < d; c0 += kCols) {  // x becomes y
     const int64_t len = std::min(kCols, d - c0);
-    for (int t = 0; t < nt; ++t) lift_add(delta + t * r, a.L + c0, r, d, len, x + t * d + c0);
+    for (int t = 0; t < nt; ++t) lift_add(delta + t * r, a.L + c0, r, d, len, x[t] + c0, x[t] + c0);
   }
   for (int t = 0; t < nt; ++t) {
-    if (a.p_drop > 0.0f) dropout_row(x + t * d, d, slots[t], a.seed, a.p_drop);
-    store_row(x + t * d, d, h[t], a.sd);
+    if (a.p_drop > 0.0f) dropout_row(x[t], d, slots[t], a.seed, a.p_drop);
+    if (!direct) store_row(x[t], d, h[t], a.sd);
     if (a.stats) {
       float* st = a.stats + slots[t] * 2 * a.rp;
       std::fill(st, st + 2 * a.rp, 0.0f);
@@ -408,10 +444,16 @@ void fwd_block(int nt, const int64_t* slots, T* const* h, float* x, float* z, fl
 template <typename T>
 void edit_fwd_rows(T* X, T* saved, const FwdArgs& a) {
   const int64_t grain = std::max<int64_t>(kTokens, (1 << 15) / std::max<int64_t>(1, a.d * (a.r + 1)));
+  // fp32 rows with unit stride are edited where they lie, other rows in a widened buffer: skipping the
+  // load and store passes took the fp32 forward from 55 to 39-45 us at N = 16, 184 to 142 us at N = 64
+  // (d = 4096, r = 4, one thread; the backward reads grad_out and the saved rows the same way: 135 -> 96 us
+  // and 457 -> 302 us)
+  const bool direct = std::is_same<T, float>::value && a.sd == 1;
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(kTokens * a.d), z(kTokens * a.r), q(kTokens * a.r), delta(kTokens * a.r);
+    std::vector<float> buf(direct ? 0 : kTokens * a.d), z(kTokens * a.r), q(kTokens * a.r), delta(kTokens * a.r);
     int64_t slots[kTokens];
     T* h[kTokens];
+    float* x[kTokens];
     int nt = 0;
     for (int64_t n = begin; n < end; ++n) {
       const int64_t row = a.row_of_slot[n];
@@ -424,13 +466,18 @@ void edit_fwd_rows(T* X, T* saved, const FwdArgs& a) {
       slots[nt] = n;
       h[nt] = X + (row / a.T) * a.sb + (row % a.T) * a.st;
       if (saved) copy_row(h[nt], a.sd, saved + n * a.d, 1, a.d);
-      load_row(h[nt], a.sd, a.d, x.data() + nt * a.d);
+      if (direct) {
+        x[nt] = reinterpret_cast<float*>(h[nt]);
+      } else {
+        x[nt] = buf.data() + nt * a.d;
+        load_row(h[nt], a.sd, a.d, x[nt]);
+      }
       if (++nt == kTokens) {
-        fwd_block(nt, slots, h, x.data(), z.data(), q.data(), delta.data(), a);
+        fwd_block(nt, slots, h, x, direct, z.data(), q.data(), delta.data(), a);
         nt = 0;
       }
     }
-    if (nt) fwd_block(nt, slots, h, x.data(), z.data(), q.data(), delta.data(), a);
+    if (nt) fwd_block(nt, slots, h, x, direct, z.data(), q.data(), delta.data(), a);
   });
 }
 
@@ -446,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor> edit_fwd_impl(
   at::Tensor stats = save >= 1 ? at::empty({N, 2, rp}, hidden.options().dtype(at::kFloat))
                                : at::empty({0}, hidden.options().dtype(at::kFloat));
   if (N == 0 || d == 0) return {saved, stats};
-  const std::vector<int64_t> rows = slot_rows(positions.cpu(), T, check_positions);
+  const std::vector<int64_t> rows = slot_rows(positions, T, check_positions);
   const at::Tensor L = as_fp32(lift), b = as_fp32(bias);
   const at::Tensor W = source_linear ? as_fp32(*weight) : at::Tensor();
   const at::Tensor pb = proj_bias.has_value() ? as_fp32(*proj_bias) : at::Tensor();
@@ -487,30 +534,50 @@ struct BwdArgs {
   int64_t M;  // flat gradient length
 };
 
-// Per-thread fp32 buffers of the backward: a block's grad_out rows and input rows, one column chunk of the
-// hidden gradient, and per-row r-vectors: d_delta, dz, delta (from the stats), and coef, which holds
-// -delta while the input rows are rebuilt (recompute) and -d_delta after that.
+// Per-thread fp32 buffers of the backward: a block's grad_out rows and input rows (where they are not read
+// in place), one column chunk of the hidden gradient, and per-row r-vectors: d_delta, dz, delta (from the
+// stats), and coef, which holds -delta while the input rows are rebuilt (recompute) and -d_delta after that.
 struct BwdBuffers {
   std::vector<float> g, u, buf, d_delta, dz, coef, delta;
-  BwdBuffers(int64_t d, int64_t r)
-      : g(kTokens * d), u(kTokens * d), buf(kCols), d_delta(kTokens * r), dz(kTokens * r), coef(kTokens * r),
-        delta(kTokens * r) {}
+  BwdBuffers(int64_t d, int64_t r, bool g_rows, bool u_rows)
+      : g(g_rows ? kTokens * d : 0), u(u_rows ? kTokens * d : 0), buf(kCols), d_delta(kTokens * r),
+        dz(kTokens * r), coef(kTokens * r), delta(kTokens * r) {}
 };
 
 // One block of nt <= kTokens edited rows (slot n[t], grad_out row g_src[t], input or output row u_src[t],
 // hidden-gradient row dx[t] or null): writes their hidden gradients and adds their parameter gradients to
-// part, row by row in block order (so the sums do not depend on the blocking of other threads).
+// part, row by row in block order (so the sums do not depend on the blocking of other threads). fp32 rows
+// with unit stride are read (and the hidden gradient written) where they lie, unless they must be changed
+// first (dropout of grad_out, recompute of the input rows); the others go through fp32 buffers.
 template <typename T>
 void bwd_block(int nt, const int64_t* n, const T* const* g_src, const T* const* u_src, int64_t u_stride, T* const* dx,
                int64_t dx_stride, const BwdArgs& a, float* part, BwdBuffers& w) {
-  const int64_t d = a.d, r = a.r, rd = r * d;
-  float *g = w.g.data(), *u = w.u.data(), *buf = w.buf.data();
+  const int64_t d = a.d, r = a.r, ld = part_ld(d), rd = r * ld;
+  float *buf = w.buf.data();
   float *d_delta = w.d_delta.data(), *dz = w.dz.data(), *coef = w.coef.data(), *dl = w.delta.data();
   const bool need_u = a.source_linear || a.subtract_proj;
+  const bool g_direct = w.g.empty(), u_direct = w.u.empty();
+  const bool dx_direct = std::is_same<T, float>::value && dx_stride == 1;
+  const float* g[kTokens];
+  const float* u[kTokens];
   for (int t = 0; t < nt; ++t) {
-    load_row(g_src[t], a.gd, d, g + t * d);
-    if (a.p_drop > 0.0f) dropout_row(g + t * d, d, n[t], a.seed, a.p_drop);
-    if (need_u) load_row(u_src[t], u_stride, d, u + t * d);
+    if (g_direct) {
+      g[t] = reinterpret_cast<const float*>(g_src[t]);
+    } else {
+      float* gb = w.g.data() + t * d;
+      load_row(g_src[t], a.gd, d, gb);
+      if (a.p_drop > 0.0f) dropout_row(gb, d, n[t], a.seed, a.p_drop);
+      g[t] = gb;
+    }
+    if (!need_u) {
+      u[t] = g[t];  // unused
+    } else if (u_direct) {
+      u[t] = reinterpret_cast<const float*>(u_src[t]);
+    } else {
+      float* ub = w.u.data() + t * d;
+      load_row(u_src[t], u_stride, d, ub);
+      u[t] = ub;
+    }
     const float* delta = a.stats + n[t] * 2 * a.rp + a.rp;
     for (int64_t k = 0; k < r; ++k) {
       dl[t * r + k] = delta[k];
@@ -521,8 +588,11 @@ void bwd_block(int nt, const int64_t* n, const T* const* g_src, const T* const* 
   for (int64_t c0 = 0; c0 < d; c0 += kCols) {
     const int64_t len = std::min(kCols, d - c0);
     for (int t = 0; t < nt; ++t) {
-      dots(g + t * d + c0, a.L + c0, r, d, len, d_delta + t * r);
-      if (need_u && a.recompute) lift_add(coef + t * r, a.L + c0, r, d, len, u + t * d + c0);
+      dots(g[t] + c0, a.L + c0, r, d, len, d_delta + t * r);
+      if (need_u && a.recompute) {  // the buffered input row: y - L^T delta
+        float* ub = w.u.data() + t * d + c0;
+        lift_add(coef + t * r, a.L + c0, r, d, len, ub, ub);
+      }
     }
   }
   for (int t = 0; t < nt; ++t) {
@@ -537,31 +607,32 @@ void bwd_block(int nt, const int64_t* n, const T* const* g_src, const T* const* 
   for (int64_t c0 = 0; c0 < d; c0 += kCols) {
     const int64_t len = std::min(kCols, d - c0);
     for (int t = 0; t < nt; ++t) {
-      const float* gt = g + t * d + c0;
+      const float* gt = g[t] + c0;
       if (dx[t]) {  // dh = g - L^T d_delta (subtract_proj) + W^T dz (source_linear)
-        copy_row(gt, 1, buf, 1, len);
+        float* y = dx_direct ? reinterpret_cast<float*>(dx[t] + c0) : buf;
         if (a.subtract_proj && a.source_linear) {
-          lift_add2(coef + t * r, a.L + c0, dz + t * r, a.W + c0, r, d, len, buf);
+          lift_add2(coef + t * r, a.L + c0, dz + t * r, a.W + c0, r, d, len, gt, y);
         } else if (a.subtract_proj) {
-          lift_add(coef + t * r, a.L + c0, r, d, len, buf);
+          lift_add(coef + t * r, a.L + c0, r, d, len, gt, y);
         } else if (a.source_linear) {
-          lift_add(dz + t * r, a.W + c0, r, d, len, buf);
+          lift_add(dz + t * r, a.W + c0, r, d, len, gt, y);
+        } else {
+          copy_row(gt, 1, y, 1, len);
         }
-        store_row(buf, len, dx[t] + c0 * dx_stride, dx_stride);
+        if (!dx_direct) store_row(buf, len, dx[t] + c0 * dx_stride, dx_stride);
       }
     }
     // dL += delta g - d_delta u (or delta g), dW += dz u
     const float* gp[kTokens];
     const float* up[kTokens];
-    for (int t = 0; t < nt; ++t) gp[t] = g + t * d + c0, up[t] = u + t * d + c0;
+    for (int t = 0; t < nt; ++t) gp[t] = g[t] + c0, up[t] = u[t] + c0;
     const float* cb = a.subtract_proj ? coef : nullptr;
     float* dW = a.source_linear ? part + rd + c0 : nullptr;
-    if (nt == kTokens) {
-      outer_add<kTokens>(dl, gp, cb, dz, up, r, d, len, part + c0, dW);
-    } else {
-      for (int t = 0; t < nt; ++t)
-        outer_add<1>(dl + t * r, gp + t, cb ? cb + t * r : nullptr, dz + t * r, up + t, r, d, len, part + c0, dW);
-    }
+    int t = 0;
+    for (; t + 4 <= nt; t += 4)
+      outer_add<4>(dl + t * r, gp + t, cb ? cb + t * r : nullptr, dz + t * r, up + t, r, ld, len, part + c0, dW);
+    for (; t < nt; ++t)
+      outer_add<1>(dl + t * r, gp + t, cb ? cb + t * r : nullptr, dz + t * r, up + t, r, ld, len, part + c0, dW);
   }
   for (int t = 0; t < nt; ++t)
     for (int64_t k = 0; k < r; ++k) {
@@ -584,17 +655,23 @@ void edit_bwd_rows(const T* G, const T* U, T* DX, int64_t dx_b, int64_t dx_t, in
       if (row_of_slot[n] >= 0) slot_of_row[row_of_slot[n]] = n;
   }
   const int64_t chunks = n_chunks(n_items, a.d);
-  at::Tensor part = chunks == 1 ? grads : at::zeros({chunks, a.M}, grads.options());
-  float* part_ptr = part.data_ptr<float>();
+  const int64_t ld = part_ld(a.d), n_mats = a.source_linear ? 2 : 1, n_vecs = a.has_proj_bias ? 2 : 1;
+  const int64_t Mp = (n_mats * ld + n_vecs) * a.r;  // a chunk's sums, padded rows (part_ld)
+  std::vector<float> part(chunks * Mp);  // zero-filled
+  float* part_ptr = part.data();
   const int64_t per_chunk = (n_items + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    BwdBuffers w(a.d, a.r);
+    constexpr bool fp32 = std::is_same<T, float>::value;
+    // buffered rows: grad_out unless fp32 with unit stride and no dropout; the input rows unless fp32 saved
+    // rows (recompute rebuilds them from the output, in the buffer)
+    BwdBuffers w(a.d, a.r, !(fp32 && a.gd == 1 && a.p_drop == 0.0f),
+                 (a.source_linear || a.subtract_proj) && (!fp32 || a.recompute));
     int64_t n[kTokens];
     const T* g_src[kTokens];
     const T* u_src[kTokens];
     T* dx[kTokens];
     for (int64_t c = c0; c < c1; ++c) {
-      float* pc = part_ptr + c * a.M;
+      float* pc = part_ptr + c * Mp;
       const int64_t end = std::min(n_items, (c + 1) * per_chunk);
       int nt = 0;
       for (int64_t item = c * per_chunk; item < end; ++item) {
@@ -626,7 +703,24 @@ void edit_bwd_rows(const T* G, const T* U, T* DX, int64_t dx_b, int64_t dx_t, in
       if (nt) bwd_block(nt, n, g_src, u_src, a.recompute ? a.ud : 1, dx, dx_d, a, pc, w);
     }
   });
-  if (chunks > 1) at::sum_out(grads, part, {0});
+  // grads = sum of the chunks' parts, in chunk order, into the flat layout
+  float* out = grads.data_ptr<float>();
+  for (int64_t m = 0; m < n_mats * a.r; ++m) {
+    float* o = out + m * a.d;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* src = part_ptr + c * Mp + m * ld;
+      if (c == 0) {
+        for (int64_t j = 0; j < a.d; ++j) o[j] = src[j];
+      } else {
+        for (int64_t j = 0; j < a.d; ++j) o[j] += src[j];
+      }
+    }
+  }
+  for (int64_t j = 0; j < n_vecs * a.r; ++j) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) sum += part_ptr[c * Mp + n_mats * a.r * ld + j];
+    out[n_mats * a.r * a.d + j] = sum;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
@@ -638,9 +732,10 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
   const int64_t B = grad_out.size(0), T = grad_out.size(1), d = grad_out.size(2), P = positions.size(1);
   const int64_t r = lift.size(0), N = B * P, rp = r_pad(r);
   const int64_t n_mats = source_linear ? 2 : 1, M = n_mats * r * d + (has_proj_bias ? 2 : 1) * r;
-  at::Tensor grads = at::zeros({M}, grad_out.options().dtype(at::kFloat));
+  at::Tensor grads = at::empty({M}, grad_out.options().dtype(at::kFloat));  // written by edit_bwd_rows
   at::Tensor grad_hidden = need_grad_hidden ? at::empty({B, T, d}, grad_out.options()) : at::empty({0}, grad_out.options());
   if (N == 0 || B * T == 0 || d == 0) {
+    grads.zero_();
     if (need_grad_hidden) grad_hidden.copy_(grad_out);
     return {grad_hidden, grads};
   }
@@ -653,7 +748,7 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
               "reft_kernels_cpp: rows must be [N, d] = [", N, ", ", d, "] in grad_out's dtype, got ", rows->sizes());
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == N * 2 * rp,
               "reft_kernels_cpp: stats must be [N, 2, r_pad] = [", N, ", 2, ", rp, "] float32, got ", stats.sizes());
-  const std::vector<int64_t> row_of_slot = slot_rows(positions.cpu(), T);
+  const std::vector<int64_t> row_of_slot = slot_rows(positions, T);
   const at::Tensor L = as_fp32(lift);
   const at::Tensor W = source_linear ? as_fp32(*weight) : at::Tensor();
   const at::Tensor st = stats.contiguous();
@@ -706,8 +801,15 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-at::Tensor grad_as(const at::Tensor& g, const at::Tensor& like) {
-  return g.scalar_type() == like.scalar_type() ? g : g.to(like.scalar_type());
+// The gradient piece flat[offset : offset + prod(sizes)] (flat: 1-D, contiguous) as a contiguous tensor of
+// the given shape sharing flat's storage, in like's dtype (a copy if that differs). Built without the
+// dispatcher: narrow and view cost two ATen calls per gradient.
+at::Tensor grad_piece(const at::Tensor& flat, int64_t offset, c10::IntArrayRef sizes, const at::Tensor& like) {
+  at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(flat.storage()), flat.key_set(), flat.dtype());
+  c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  impl->set_storage_offset(flat.storage_offset() + offset);
+  impl->set_sizes_contiguous(sizes);
+  return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
 }
 
 struct EditFunction : public torch::autograd::Function<EditFunction> {
@@ -754,11 +856,10 @@ struct EditFunction : public torch::autograd::Function<EditFunction> {
     const int64_t n_mats = source_linear ? 2 : 1;
     const size_t e_weight = 3, e_bias = source_linear ? 4 : 3, e_pb = e_bias + 1;
     if (ctx->needs_input_grad(0)) out[0] = grad_hidden;
-    if (ctx->needs_input_grad(2)) out[2] = grad_as(flat.narrow(0, 0, r * d).view({r, d}), lift);
-    if (source_linear && ctx->needs_input_grad(e_weight))
-      out[3] = grad_as(flat.narrow(0, r * d, r * d).view({r, d}), weight);
-    if (ctx->needs_input_grad(e_bias)) out[4] = grad_as(flat.narrow(0, n_mats * r * d, r), bias);
-    if (has_pb && ctx->needs_input_grad(e_pb)) out[5] = grad_as(flat.narrow(0, n_mats * r * d + r, r), proj_bias);
+    if (ctx->needs_input_grad(2)) out[2] = grad_piece(flat, 0, {r, d}, lift);
+    if (source_linear && ctx->needs_input_grad(e_weight)) out[3] = grad_piece(flat, r * d, {r, d}, weight);
+    if (ctx->needs_input_grad(e_bias)) out[4] = grad_piece(flat, n_mats * r * d, {r}, bias);
+    if (has_pb && ctx->needs_input_grad(e_pb)) out[5] = grad_piece(flat, n_mats * r * d + r, {r}, proj_bias);
     return out;
   }
 };

@@ -107,6 +107,30 @@ def test_projection_bias_and_int32_positions():
         _check(got, want, torch.float32, f"noreft b2 recompute={recompute}")
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_rows_and_parameter_only_backward(dtype, recompute):
+    """fp32 rows with unit stride are edited and read where they lie, other layouts go through fp32 buffers:
+    hidden and grad_out with a column stride of T (the buffered path for fp32 too) match the reference, and
+    so does a backward that wants the parameter gradients alone (hidden not requiring grad)."""
+    hidden, positions, params, grad = _inputs(CASES[2], dtype, "loreft", seed=5)
+    want = _reference("loreft", hidden, positions, params, grad)
+    strided = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  strides (T d, 1, T)
+
+    lift, weight, bias = (p.detach().float().requires_grad_(True) for p in params[:3])
+    h = strided(hidden).requires_grad_(True)
+    x = h * 1
+    assert x.stride(2) != 1
+    out = rk.reft_edit(x, positions, lift, weight, bias, backend="cpp", recompute=recompute)
+    out.backward(strided(grad))
+    _check([out.detach(), h.grad, lift.grad, weight.grad, bias.grad], want, dtype, f"strided {dtype}")
+
+    lift, weight, bias = (p.detach().float().requires_grad_(True) for p in params[:3])
+    out = rk.reft_edit(hidden.clone(), positions, lift, weight, bias, backend="cpp", recompute=recompute)
+    out.backward(grad)
+    _check([out, lift.grad, weight.grad, bias.grad], [want[0]] + want[2:], dtype, f"parameters only {dtype}")
+
+
 @pytest.mark.parametrize("act", sorted(activations.SUPPORTED))
 def test_every_activation_name(act):
     """The C++ table of activation names matches activations.SUPPORTED (a name it lacks would raise)."""
