@@ -55,7 +55,7 @@ def resolve(backend: str | None, hidden: torch.Tensor, has_cpp: bool = True) -> 
         if hidden.is_cuda and HAS_TRITON:
             backend = "triton"
         elif hidden.is_cpu and has_cpp and cpp_available():
-            backend = "cpp"
+            return "cpp"  # (every CPU call comes here: nothing left to check)
         else:
             backend = "torch"
     if backend not in BACKENDS:

@@ -1112,7 +1112,8 @@ def reft_edit(
     requested = backend
     _v.check_hidden_is_tensor(hidden)
     chosen = _backend.resolve(backend, hidden)
-    if chosen == "cpp" and requested is None and _has_float64(hidden, lift, weight, bias, proj_bias):
+    has_f64 = _has_float64(hidden, lift, weight, bias, proj_bias)
+    if chosen == "cpp" and requested is None and has_f64:
         chosen = "torch"  # the automatic choice: the fused kernels compute in fp32, float64 asks for the reference
     if chosen in FUSED and act not in _acts.SUPPORTED:
         if requested in FUSED:
@@ -1151,9 +1152,10 @@ def reft_edit(
     if chosen == "torch":
         return edit_reference(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, training)
 
-    for name, x in ((lift_name, lift), (weight_name, weight), (bias_name, bias), (proj_bias_name, proj_bias)):
-        if x is not None and x.dtype == torch.float64:
-            raise TypeError(f"{name} is float64; backend={chosen!r} computes in fp32. Use backend='torch' for float64")
+    if has_f64:  # (check_hidden refused a float64 hidden for the fused backends: a parameter is)
+        for name, x in ((lift_name, lift), (weight_name, weight), (bias_name, bias), (proj_bias_name, proj_bias)):
+            if x is not None and x.dtype == torch.float64:
+                raise TypeError(f"{name} is float64; backend={chosen!r} computes in fp32. Use backend='torch' for float64")
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout > 0 else 0
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or lift.requires_grad or bias.requires_grad
