@@ -311,10 +311,6 @@ struct Scratch {
   float* data() const { return p.get(); }
 };
 
-REFT_NO_MEMCPY inline void zero_floats(float* x, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) x[c] = 0.0f;
-}
-
 // The row of hidden each slot edits (b * T + t), or -1: the slot is empty, out of range, or names a
 // position an earlier slot of its batch row already names. check: raise a ValueError (the message of
 // validation.check_positions) for values outside [-1, T) instead; the public function asks for it on
