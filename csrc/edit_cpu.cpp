@@ -540,7 +540,6 @@ struct BwdArgs {
   int act;
   float p_drop;
   uint64_t seed;
-  int64_t M;  // flat gradient length
 };
 
 // Per-thread fp32 buffers of the backward: a block's grad_out rows and input rows (where they are not read
@@ -767,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
             recompute ? u.stride(0) : 0, recompute ? u.stride(1) : 0, recompute ? u.stride(2) : 1,
             L.data_ptr<float>(), source_linear ? W.data_ptr<float>() : nullptr, st.data_ptr<float>(),
             source_linear, subtract_proj, has_proj_bias, recompute, act_code(std::string(act)),
-            static_cast<float>(dropout), static_cast<uint64_t>(seed), M};
+            static_cast<float>(dropout), static_cast<uint64_t>(seed)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "reft_edit_bwd_cpu", [&] {
     scalar_t* dx = need_grad_hidden ? grad_hidden.data_ptr<scalar_t>() : nullptr;
     edit_bwd_rows<scalar_t>(grad_out.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dx,
