@@ -198,7 +198,7 @@ def test_stock_trainer_trains_the_adapter(tmp_path):
             for n in torch.randint(3, 8, (8,), generator=g)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=30,
                                           learning_rate=4e-2, logging_steps=1, save_strategy="no", report_to=[],
-                                          remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+                                          use_cpu=True, disable_tqdm=True)
     trainer = transformers.Trainer(model=reft, args=args, train_dataset=data, data_collator=rk.ReftDataCollator())
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -279,7 +279,7 @@ def test_trainer_with_gradient_checkpointing_trains(tmp_path):
     flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
                                           learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
-                                          remove_unused_columns=False, disable_tqdm=True, **{flag: True})
+                                          disable_tqdm=True, **{flag: True})
     transformers.Trainer(model=reft, args=args, train_dataset=data, data_collator=rk.ReftDataCollator()).train()
     assert reft.is_gradient_checkpointing
     assert all(not torch.equal(p, before[n]) for n, p in reft.named_parameters() if p.requires_grad)

@@ -416,7 +416,8 @@ def load_pyreft(model: nn.Module, directory: PathLike, *,
         positions, share_weights: the position scheme it was trained with, kept in reft_config (pyreft's
             training script: "f{p}+l{s}"; share_weights=False means the checkpoint holds every
             representation twice, prefix ones first).
-        backend: kernel backend of the interventions. parametrization: of R (module docstring).
+        backend: kernel backend of the interventions (None: automatic, Triton on CUDA and the C++ kernels
+            on the CPU; "triton", "cpp" or "torch"). parametrization: of R (module docstring).
         layers_path: the model's block list, if it cannot be found generically.
         include_model: also load pytorch_model.bin (base-model weights pyvene saves with the adapter when
             asked, and the pyreft Trainer always: empty for a frozen model) when it is not empty; the
