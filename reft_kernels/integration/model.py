@@ -14,8 +14,8 @@ How it runs (and what it fixes in pyreft, ../shared/notes/reft-semantics.md)
 - One hook per (layer, component) site, registered once at construction and removed only by
   ReftModel.remove_hooks() (never other libraries' hooks). A site applies its interventions in order, each
   editing the hidden states in place at its positions with the fused op: no clone of the activation.
-- Per-call state (the locations, whether the edit is still due) lives in a ContextVar set by forward and
-  generate: two threads running two batches never see each other's positions, and a base-model call
+- Per-call state (the locations, where the current forward's tokens start) lives in a ContextVar set by
+  forward and generate: two threads running two batches never see each other's positions, and a base-model call
   outside ReftModel runs unedited.
 - Locations stay on the device: one transpose + copy per forward, then a view per intervention; no
   Python lists, no host sync.
@@ -32,7 +32,10 @@ How it runs (and what it fixes in pyreft, ../shared/notes/reft-semantics.md)
   step-by-step full forward does (tested). Locations index the prompt: generated tokens are never edited.
   A forward whose tokens all lie past the prompt (every decode step with a cache) returns from the hooks
   at once, decided on the host: no edit kernel runs and no device sync. Beam search and
-  num_return_sequences repeat each row's locations.
+  num_return_sequences repeat each row's locations. (Where transformers compiles the decode step, with a
+  static cache on a GPU, the hooks' ContextVar read is a graph break: correct (checked by hand on the CPU with
+  compilation forced, 68 s of compiling: not in CI), but the compiled step is split at each hooked site;
+  its cost is not measured.)
 - pyreft's call forms (reft.generate(prompt, unit_locations=..., intervene_on_prompt=True) and `_, out = `)
   are converted where unambiguous and refused with what to pass otherwise: integration/pyreft_calls.py.
 - eval()/train() reach the interventions (dropout is off in eval).
@@ -142,7 +145,9 @@ def _past_length(state: _Call, args: tuple, kwargs: dict) -> int:
     """Where a base-model forward's first token sits in the sequence: the length of the KV cache it is given
     (`cache` in transformers 5.x, `past_key_values` in 4.x; 0 without one), read on the host. A static cache
     keeps its length on the device; for it the tokens this call has fed that cache are counted instead, and
-    its length is read (one device sync) only the first time this call sees a non-empty one."""
+    the first time a call sees one whose length is not a host int (transformers 4.x: at prefill; 5.x: never
+    within one generate, an empty static cache says 0) it is read once, from cache_position where given
+    (one device sync)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return 0
