@@ -310,3 +310,17 @@ def test_damaged_pyreft_checkpoints_name_the_file_and_what_is_wrong(tmp_path, na
     with pytest.raises(ValueError, match=match) as info:
         rk.load_pyreft(tiny_model("llama"), tmp_path, dtype=None)
     assert str(tmp_path) in str(info.value)
+
+
+def test_load_state_dict_refuses_integer_tensors_and_checks_keys_first():
+    reft = rk.get_reft_model(tiny_model("llama"), rk.ReftConfig({"layer": 0, "low_rank_dimension": 2,
+                                                                 "dtype": torch.float32}))
+    state = {k: v.clone() for k, v in reft.state_dict().items()}
+    before = {k: v.clone() for k, v in state.items()}
+    bias = next(k for k in state if k.endswith(".bias"))
+    damaged = {**{k: v + 1 for k, v in state.items()}, bias: state[bias].to(torch.int32)}
+    with pytest.raises(RuntimeError, match=f"{bias} is torch.int32"):
+        reft.load_state_dict(damaged)
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        reft.load_state_dict({**{k: v + 1 for k, v in state.items()}, "x": torch.zeros(1)})
+    assert all(torch.equal(v, before[k]) for k, v in reft.state_dict().items())  # nothing was copied

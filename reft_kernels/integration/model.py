@@ -658,26 +658,31 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads what state_dict() gives (adapter only). strict: every adapter key must be present and no
-        other key may be."""
+        other key may be. Checked before anything is copied (a refused state dict leaves the adapter as it
+        was): with strict, the keys; always, that no integer or boolean tensor lands in a floating
+        parameter (torch would cast it silently; shapes are checked by torch)."""
+        own = self.state_dict(keep_vars=True)
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading the ReFT adapter: missing keys {missing}, unexpected keys "
+                               f"{unexpected}")
+        for key, value in state_dict.items():
+            want = own.get(key)
+            if isinstance(value, torch.Tensor) and want is not None and want.dtype.is_floating_point and \
+                    not (value.dtype.is_floating_point or value.dtype.is_complex):
+                raise RuntimeError(f"Error(s) in loading the ReFT adapter: {key} is {value.dtype}, the adapter holds "
+                                   f"{want.dtype}: not a state dict of this adapter, or a damaged one")
         parts: dict[str, tuple[nn.Module, dict]] = {"interventions.": (self.interventions, {})}
         for name in self.reft_config.unfrozen_modules:
             parts[f"model.{name}."] = (self.model.get_submodule(name), {})
-        unexpected = []
         for key, value in state_dict.items():
             for prefix, (_, sub) in parts.items():
                 if key.startswith(prefix):
                     sub[key[len(prefix):]] = value
                     break
-            else:
-                unexpected.append(key)
-        missing = []
-        for prefix, (module, sub) in parts.items():
-            result = module.load_state_dict(sub, strict=False, assign=assign)
-            missing += [prefix + k for k in result.missing_keys]
-            unexpected += [prefix + k for k in result.unexpected_keys]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading the ReFT adapter: missing keys {missing}, unexpected keys "
-                               f"{unexpected}")
+        for module, sub in parts.values():
+            module.load_state_dict(sub, strict=False, assign=assign)
         for m in self._orthonormals:
             m._cache = None
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
