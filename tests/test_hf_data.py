@@ -23,7 +23,7 @@ def _tokenizer():
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
+                                                pad_token="<pad>", unk_token="<unk>", clean_up_tokenization_spaces=False)
 
 
 def _reft(positions="f1+l1", **config):

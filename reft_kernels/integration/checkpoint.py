@@ -105,7 +105,8 @@ def _not_an_adapter(directory: str) -> Exception:
                              "ReftModel.save_pretrained")
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """A JSON object from a file; ValueError naming the file (and the line) when it is not one."""
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -164,7 +165,7 @@ def read(directory: PathLike, verify: bool = True) -> SavedAdapter:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise _not_an_adapter(directory)
-    meta = _read_json(path)
+    meta = read_json(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format must be {FORMAT!r}, got {meta.get('format')!r}: not a config written by "
                          "ReftModel.save_pretrained")
@@ -222,4 +223,5 @@ def check_tensors(saved: SavedAdapter, expected: dict[str, torch.Tensor],
                          + "; ".join(problems))
 
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "SavedAdapter", "WEIGHTS_NAME", "check_tensors", "read", "write"]
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "SavedAdapter", "WEIGHTS_NAME", "check_tensors", "read", "read_json",
+           "write"]

@@ -75,6 +75,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..integration.checkpoint import read_json
 from ..integration.config import ReftConfig, Representation
 from ..integration.locate import find_layers, hidden_size
 from ..integration.model import ReftModel
@@ -224,16 +225,7 @@ def _read_config(directory: str) -> dict:
     """The pyvene config, with its representations as (layer, component, kind, rank) and their keys;
     ValueError naming the file and the field for anything malformed."""
     path = os.path.join(directory, CONFIG_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): the file is "
-                         "truncated or was edited by hand") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}): the file is corrupted") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object (pyvene's config), got {type(raw).__name__}")
+    raw = read_json(path)
     reps = raw.get("representations")
     types = raw.get("intervention_types")
     if not isinstance(reps, list) or not reps:
