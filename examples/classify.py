@@ -8,8 +8,8 @@ What it does, with no download:
    classification head reads) and unfreezes the head (unfrozen_modules=["classifier"]); the rest of the
    encoder stays frozen;
 3. trains on a synthetic task a tiny model can learn (label = which of three marker tokens occurs in a
-   sequence of filler tokens) with the stock transformers.Trainer (no subclass; remove_unused_columns=False
-   and rk.ReftDataCollator);
+   sequence of filler tokens) with the stock transformers.Trainer (no subclass, its default arguments, and
+   rk.ReftDataCollator);
 4. prints accuracy before and after, saves the adapter with save_pretrained, rebuilds it on a fresh copy
    of the base model with ReftModel.from_pretrained, and checks the reloaded model gives the same logits.
 
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
             output_dir=os.path.join(out_dir, "trainer"), max_steps=args.steps,
             per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="linear",
             warmup_steps=min(20, args.steps // 10), weight_decay=0.0, logging_steps=max(1, args.steps // 5),
-            save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+            save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0, disable_tqdm=True, seed=args.seed,
             log_level="warning" if args.quiet else "passive")
         trainer = transformers.Trainer(model=reft, args=training_args, train_dataset=train, data_collator=collate)

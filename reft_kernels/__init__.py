@@ -7,6 +7,7 @@
     hidden = edit(hidden, positions)                    #   DiReFT, OrthoDiReFT
     with rk.orthonormal_batch(model): ...               # every R of a model in one batched computation
     reft = rk.get_reft_model(hf_model, rk.ReftConfig(...))   # Hugging Face models: train, generate, save
+    data = rk.make_data_module(tok, reft, prompts, answers)  # Trainer(model=reft, args=..., **data)
     reft = rk.load_pyreft(hf_model, "pyreft_dir/")           # pyreft checkpoints in (rk.save_pyreft: out)
 
 CUDA tensors run the Triton kernels; CPU tensors the fused C++ kernels of csrc/ (compiled on first use,
@@ -17,14 +18,16 @@ from .backend import BACKEND_ENV
 from .modules import (BY_PYREFT_NAME, INTERVENTIONS, ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT, OrthoDiReFT,
                       Orthonormal, ReftIntervention, orthonormal_batch, orthonormality_error)
 from .integration import (COMPONENTS, ReftConfig, ReftDataCollator, ReftModel, Representation, get_reft_model,
-                          last_token_locations, prefix_suffix_locations, reft_example)
+                          last_token_locations, make_data_module, make_last_position_supervised_data_module,
+                          make_multiple_position_supervised_data_module, prefix_suffix_locations, reft_example)
 from .interop import load_pyreft, save_pyreft
 from .ops import EditSpec, direft, loreft, orthonormalize, reft_edit
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKEND_ENV", "BY_PYREFT_NAME", "COMPONENTS", "ReftConfig", "ReftDataCollator", "ReftModel", "Representation",
-    "get_reft_model", "last_token_locations", "load_pyreft", "save_pyreft", "prefix_suffix_locations", "reft_example", "ConsReFT", "DiReFT", "EditSpec", "INTERVENTIONS", "LoReFT", "LobiReFT",
+    "get_reft_model", "last_token_locations", "load_pyreft", "make_data_module",
+    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module", "save_pyreft", "prefix_suffix_locations", "reft_example", "ConsReFT", "DiReFT", "EditSpec", "INTERVENTIONS", "LoReFT", "LobiReFT",
     "NoReFT", "OrthoDiReFT", "Orthonormal", "ReftIntervention", "direft", "loreft", "orthonormal_batch",
     "orthonormality_error", "orthonormalize", "reft_edit", "__version__",
 ]

@@ -1,5 +1,6 @@
-"""ReftModel on a tiny Llama: generation, saving, gradient checkpointing, the stock Trainer, per-call state
-and errors. Architecture coverage is in test_hf_components.py."""
+"""ReftModel on a tiny Llama: forward, saving, gradient checkpointing, the stock Trainer, per-call state
+and errors. Generation is in test_hf_generate.py, checkpoint corruption in test_hf_checkpoint.py, pyreft's
+calling conventions in test_hf_pyreft_calls.py, architecture coverage in test_hf_components.py."""
 import copy
 import threading
 
@@ -24,10 +25,9 @@ def _randomize(reft, scale=1.0, seed=1):
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) * scale)
 
 
-def _reference_hooks(model, reft, prefill_only):
+def _reference_hooks(model, reft):
     """Hand-written float64 LoReFT hooks on `model` (a copy of the base) with reft's parameters, editing
-    block_output at the positions in holder["locs"] ([B, n, P]); with prefill_only, only forwards with more
-    than one token (what generate's prefill is, with a KV cache)."""
+    block_output at the positions in holder["locs"] ([B, n, P])."""
     holder = {}
     layers = model.model.layers
     handles = []
@@ -36,8 +36,6 @@ def _reference_hooks(model, reft, prefill_only):
 
         def hook(module, args, output, iv=iv, index=index):
             h = output[0] if isinstance(output, tuple) else output
-            if prefill_only and h.shape[1] == 1:
-                return None
             locs = holder["locs"]
             if locs.shape[0] != h.shape[0]:
                 locs = locs.repeat_interleave(h.shape[0] // locs.shape[0], 0)
@@ -63,7 +61,7 @@ def _left_padded_prompts(B=3, T=7, seed=0):
     return ids, mask
 
 
-def _with_reference(prefill_only):
+def _with_reference():
     """A float64 tiny Llama with a random LoReFT adapter, a copy of it with the reference hooks, left-padded
     prompts and their locations."""
     base = tiny_model("llama").double()
@@ -72,45 +70,13 @@ def _with_reference(prefill_only):
     _randomize(reft, 0.5)
     ids, mask = _left_padded_prompts()
     locs = reft.locations(mask)
-    holder, _ = _reference_hooks(ref_model, reft, prefill_only=prefill_only)
+    holder, _ = _reference_hooks(ref_model, reft)
     holder["locs"] = locs
     return reft, ref_model, ids, mask, locs
 
 
-@pytest.mark.parametrize("mode", ["greedy", "beams", "sampled_returns"])
-def test_generate_matches_reference_hook(mode):
-    reft, ref_model, ids, mask, locs = _with_reference(prefill_only=True)
-    kwargs = dict(max_new_tokens=6, pad_token_id=0, attention_mask=mask)
-    if mode == "greedy":
-        kwargs.update(do_sample=False)
-    elif mode == "beams":
-        kwargs.update(do_sample=False, num_beams=3, num_return_sequences=2)
-    else:
-        kwargs.update(do_sample=True, num_return_sequences=2, top_k=0)
-    torch.manual_seed(5)
-    ours = reft.generate(input_ids=ids, intervention_locations=locs, **kwargs)
-    torch.manual_seed(5)
-    want = ref_model.generate(input_ids=ids, **kwargs)
-    torch.manual_seed(5)
-    plain = reft.model.generate(input_ids=ids, **kwargs)  # the base model outside a ReftModel call: unedited
-    assert torch.equal(ours, want)
-    assert not torch.equal(ours, plain)
-
-
-def test_generate_edits_only_at_prefill():
-    base = tiny_model("llama")
-    reft = rk.get_reft_model(base, _config(dtype=torch.float32))
-    ids, mask = _left_padded_prompts()
-    calls = []
-    for iv in reft.interventions.values():
-        iv.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[1]))
-    reft.generate(input_ids=ids, attention_mask=mask, intervention_locations=reft.locations(mask),
-                  max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert calls == [ids.shape[1]] * 2  # one edit per intervention, on the prompt; none while decoding
-
-
 def test_forward_matches_reference_and_needs_locations():
-    reft, ref_model, ids, mask, locs = _with_reference(prefill_only=False)
+    reft, ref_model, ids, mask, locs = _with_reference()
     out = reft(input_ids=ids, attention_mask=mask, intervention_locations=locs).logits
     torch.testing.assert_close(out, ref_model(input_ids=ids, attention_mask=mask).logits, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="intervention_locations is required"):
@@ -122,7 +88,7 @@ def test_forward_matches_reference_and_needs_locations():
 def test_inputs_embeds_are_not_written_and_eval_reaches_dropout():
     base = tiny_model("llama")
     reft = rk.get_reft_model(base, rk.ReftConfig({"layer": 0, "component": "block_input", "dropout": 0.5,
-                                                  "dtype": torch.float32}, positions="f2+l2"))
+                                                  "low_rank_dimension": 2, "dtype": torch.float32}, positions="f2+l2"))
     ids, mask = _left_padded_prompts()
     embeds = base.get_input_embeddings()(ids).detach()
     before = embeds.clone()
@@ -232,7 +198,7 @@ def test_stock_trainer_trains_the_adapter(tmp_path):
             for n in torch.randint(3, 8, (8,), generator=g)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=30,
                                           learning_rate=4e-2, logging_steps=1, save_strategy="no", report_to=[],
-                                          remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+                                          use_cpu=True, disable_tqdm=True)
     trainer = transformers.Trainer(model=reft, args=args, train_dataset=data, data_collator=rk.ReftDataCollator())
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -294,10 +260,10 @@ def test_errors_name_what_is_wrong():
     with pytest.raises(ValueError, match="layer 3 is out of range"):
         rk.get_reft_model(base, _config(layers=(3,)))
     with pytest.raises(ValueError, match="unfrozen_modules"):
-        rk.get_reft_model(base, rk.ReftConfig({"layer": 0}, unfrozen_modules=["classifier"]))
+        rk.get_reft_model(base, rk.ReftConfig({"layer": 0, "rank": 1}, unfrozen_modules=["classifier"]))
     with pytest.raises(TypeError, match="ReftConfig"):
         rk.get_reft_model(base, {"layer": 0})
-    reft = rk.get_reft_model(base, rk.ReftConfig({"layer": 0}))
+    reft = rk.get_reft_model(base, rk.ReftConfig({"layer": 0, "rank": 1}))
     with pytest.raises(ValueError, match="positions is not set"):
         reft.locations(torch.ones(1, 3))
     assert reft.dim == WIDTH
@@ -313,7 +279,7 @@ def test_trainer_with_gradient_checkpointing_trains(tmp_path):
     flag = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
                                           learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
-                                          remove_unused_columns=False, disable_tqdm=True, **{flag: True})
+                                          disable_tqdm=True, **{flag: True})
     transformers.Trainer(model=reft, args=args, train_dataset=data, data_collator=rk.ReftDataCollator()).train()
     assert reft.is_gradient_checkpointing
     assert all(not torch.equal(p, before[n]) for n, p in reft.named_parameters() if p.requires_grad)

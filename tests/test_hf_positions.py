@@ -82,19 +82,19 @@ def test_config_round_trip_and_errors():
     again = rk.ReftConfig.from_json(cfg.to_json())
     assert again == cfg
     with pytest.raises(ValueError, match="component"):
-        rk.ReftConfig({"layer": 0, "component": "mlp_input"})
+        rk.ReftConfig({"layer": 0, "component": "mlp_input", "rank": 1})
     with pytest.raises(ValueError, match="intervention must be one of"):
-        rk.ReftConfig({"layer": 0, "intervention": "lora"})
+        rk.ReftConfig({"layer": 0, "intervention": "lora", "rank": 1})
     with pytest.raises(ValueError, match="unknown representation keys"):
         rk.ReftConfig({"layer": 0, "low_rank": 4})
     with pytest.raises(ValueError, match="layer"):
-        rk.ReftConfig({"layer": -1})
+        rk.ReftConfig({"layer": -1, "rank": 1})
     with pytest.raises(ValueError, match="add_bias"):
-        rk.ReftConfig({"layer": 0, "intervention": "loreft", "add_bias": True})
+        rk.ReftConfig({"layer": 0, "intervention": "loreft", "add_bias": True, "rank": 1})
 
 
 def test_reft_example_and_collator():
-    cfg = rk.ReftConfig({"layer": 0}, positions="f1+l1")
+    cfg = rk.ReftConfig({"layer": 0, "rank": 1}, positions="f1+l1")
     ex1 = rk.reft_example([5, 6, 7, 8], [9, 10], cfg, 2)
     ex2 = rk.reft_example([5, 6], [9, 10, 11], cfg, 2)
     assert ex1["labels"].tolist() == [-100] * 4 + [9, 10]

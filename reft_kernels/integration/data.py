@@ -1,37 +1,147 @@
 """Training data for ReftModel with the stock transformers Trainer: one example per prompt/answer pair,
 and a collator that pads a batch of them (intervention_locations padded with -1, "no edit").
 
+From text, in one call (pyreft's make_last_position_supervised_data_module /
+make_multiple_position_supervised_data_module, which are kept as aliases of it):
+
+    data = rk.make_data_module(tok, reft, prompts, answers)      # positions: the adapter's (reft_config)
+    trainer = transformers.Trainer(model=reft, args=TrainingArguments("out", ...), **data)
+
+From token ids:
+
     examples = [reft_example(tok(p).input_ids, tok(a).input_ids, reft.reft_config, reft.num_interventions)
                 for p, a in pairs]
     trainer = transformers.Trainer(model=reft, train_dataset=examples, data_collator=ReftDataCollator(tok.pad_token_id),
-                                   args=TrainingArguments(..., remove_unused_columns=False))
+                                   args=TrainingArguments(...))
 
-Trainer needs remove_unused_columns=False: otherwise it drops the columns ReftModel.forward does not name
-(intervention_locations is named, but the base model's other inputs travel as **kwargs).
+remove_unused_columns. transformers' Trainer (5.x and 4.45 alike; it is on by default) keeps only the
+dataset columns that name a parameter of inspect.signature(model.forward). ReftModel.forward's signature
+shows input_ids, attention_mask, labels, intervention_locations and every named input of the base model's
+forward (token_type_ids, position_ids, pixel_values, ...), so nothing these helpers or a base model needs is
+dropped, and remove_unused_columns=False is needed only for columns the base model does not name either
+(a field that a custom collator consumes, for instance).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from .config import ReftConfig
+from .config import ReftConfig, check_scheme
+from .model import ReftModel
 from .positions import scheme_locations
 
 IGNORE_INDEX = -100
 
 
+def _token_ids(ids: Any, name: str) -> list[int]:
+    """Token ids as a list: a list/tuple of ints, a 1-D tensor, or a [1, T] tensor (what
+    tok(text, return_tensors="pt").input_ids gives)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be the token ids of one example: a list of ints, a [T] or a [1, T] integer "
+                             f"tensor; got a {ids.dtype} tensor of shape {tuple(ids.shape)} (for a batch, call "
+                             "reft_example once per row)")
+        return ids.tolist()
+    if isinstance(ids, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return list(ids)
+    if isinstance(ids, (list, tuple)) and len(ids) == 1 and isinstance(ids[0], (list, tuple)):
+        return _token_ids(list(ids[0]), name)  # tok([text]).input_ids: one row
+    raise ValueError(f"{name} must be the token ids of one example (a list of ints, a [T] or [1, T] integer tensor), "
+                     f"got {type(ids).__name__}")
+
+
 def reft_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], config: ReftConfig, num_interventions: int,
                  positions: Optional[str] = None) -> dict:
     """One causal-LM training example: input_ids = prompt + answer, labels = -100 on the prompt, and
-    intervention_locations [n_interventions, P] from the prompt (config.positions or `positions`, which may
-    also be "last")."""
-    prompt_ids, answer_ids = list(prompt_ids), list(answer_ids)
+    intervention_locations [n_interventions, P] from the prompt (config.positions or `positions`: "f{p}+l{s}"
+    or "last"). prompt_ids / answer_ids: a list of ints, a [T] tensor or a [1, T] tensor (tokenizer output
+    with return_tensors="pt")."""
+    prompt_ids, answer_ids = _token_ids(prompt_ids, "prompt_ids"), _token_ids(answer_ids, "answer_ids")
     mask = torch.ones(1, len(prompt_ids), dtype=torch.long)
     locs = scheme_locations(mask, positions if positions is not None else config.positions,
                             num_interventions=num_interventions, share_weights=config.share_weights)
-    return {"input_ids": torch.tensor(prompt_ids + answer_ids), "labels": torch.tensor(
-        [IGNORE_INDEX] * len(prompt_ids) + answer_ids), "intervention_locations": locs[0]}
+    return {"input_ids": torch.tensor(prompt_ids + answer_ids, dtype=torch.long), "labels": torch.tensor(
+        [IGNORE_INDEX] * len(prompt_ids) + answer_ids, dtype=torch.long), "intervention_locations": locs[0]}
+
+
+def make_data_module(tokenizer, reft_model, prompts: Sequence[str], outputs: Sequence[str], *,
+                     positions: Optional[str] = None, nonstop: bool = False, padding_side: str = "right") -> dict:
+    """From (prompts, outputs) text pairs to what transformers.Trainer takes:
+    {"train_dataset": [examples], "eval_dataset": None, "data_collator": ReftDataCollator}, so that
+    `Trainer(model=reft_model, args=..., **make_data_module(tok, reft_model, prompts, outputs))` trains.
+
+    As pyreft's data modules: each example is tokenizer(prompt + output) (+ the EOS token unless nonstop),
+    truncated to tokenizer.model_max_length, with the loss on the output's tokens only (the first
+    len(tokenizer(prompt)) tokens are the prompt), and intervention locations from the prompt. (pyreft appends
+    the EOS token's text before tokenizing; here its id is appended, which no truncation or tokenizer can lose.)
+
+    positions: the position scheme ("f{p}+l{s}" or "last"); default the adapter's reft_config.positions. If
+    the adapter has none yet, the one given is recorded in its reft_config (ReftModel.locations() and
+    save_pretrained then use it); one that differs from the adapter's is an error.
+    padding_side: of the collator ("right" for training)."""
+    if not isinstance(reft_model, ReftModel):
+        raise TypeError(f"reft_model must be the reft_kernels ReftModel (get_reft_model(model, config)), whose "
+                        f"num_interventions and positions the examples follow; got {type(reft_model).__name__}")
+    config = reft_model.reft_config
+    scheme = check_scheme(positions) if positions is not None else config.positions
+    if scheme is None:
+        raise ValueError("no position scheme: pass positions='f5+l5' (or 'last'), or set ReftConfig(positions=...)")
+    if config.positions is None:
+        config.positions = scheme
+    elif scheme != config.positions:
+        raise ValueError(f"positions={scheme!r}, but the adapter was configured with positions={config.positions!r} "
+                         "(what reft.locations() gives at generation): use one scheme")
+    if isinstance(prompts, str) or isinstance(outputs, str) or len(prompts) != len(outputs):
+        raise ValueError("prompts and outputs must be two lists of strings of the same length")
+    eos = tokenizer.eos_token_id
+    if not nonstop and eos is None:
+        raise ValueError("the tokenizer has no eos_token_id to end each output with; pass nonstop=True")
+    longest = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(longest, int) or longest >= 2**31:  # transformers' "no limit" is 1e30
+        longest = None
+    limit = dict(truncation=True, max_length=longest) if longest else {}
+    examples = []
+    for prompt, output in zip(prompts, outputs):
+        prompt_ids = tokenizer(prompt, **limit)["input_ids"]
+        ids = list(tokenizer(prompt + output, **limit)["input_ids"])
+        if not nonstop and (not ids or ids[-1] != eos):
+            ids = (ids[: longest - 1] if longest and len(ids) >= longest else ids) + [eos]
+        n = len(prompt_ids)
+        examples.append(reft_example(ids[:n], ids[n:], config, reft_model.num_interventions))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    return {"train_dataset": examples, "eval_dataset": None,
+            "data_collator": ReftDataCollator(pad_token_id=pad, padding_side=padding_side)}
+
+
+def _pyreft_module(tokenizer, model, inputs, outputs, positions, num_interventions, nonstop, share_weights):
+    if not isinstance(model, ReftModel):
+        raise TypeError(f"model must be the reft_kernels ReftModel (get_reft_model(model, config)); pyreft's data "
+                        f"modules took the base model, these take the adapter, whose interventions and positions "
+                        f"the examples follow. Got {type(model).__name__}")
+    if num_interventions is not None and num_interventions != model.num_interventions:
+        raise ValueError(f"num_interventions={num_interventions}, but the adapter has {model.num_interventions}")
+    if share_weights is not None and share_weights != model.reft_config.share_weights:
+        raise ValueError(f"share_weights={share_weights}, but the adapter's ReftConfig has share_weights="
+                         f"{model.reft_config.share_weights}: set it in ReftConfig(..., share_weights=...)")
+    return make_data_module(tokenizer, model, inputs, outputs, positions=positions, nonstop=nonstop)
+
+
+def make_last_position_supervised_data_module(tokenizer, model, inputs, outputs, num_interventions=None,
+                                              nonstop=False) -> dict:
+    """pyreft's name and arguments, for ported scripts: make_data_module(..., positions="last"). model is the
+    ReftModel; num_interventions, if given, must equal its num_interventions."""
+    return _pyreft_module(tokenizer, model, inputs, outputs, "last", num_interventions, nonstop, None)
+
+
+def make_multiple_position_supervised_data_module(tokenizer, model, inputs, outputs, positions="f1+l1",
+                                                  num_interventions=None, nonstop=False, share_weights=None) -> dict:
+    """pyreft's name and arguments, for ported scripts: make_data_module(..., positions=positions). model is the
+    ReftModel; num_interventions and share_weights, if given, must match it (pyreft's share_weights=False
+    becomes ReftConfig(share_weights=False))."""
+    return _pyreft_module(tokenizer, model, inputs, outputs, positions, num_interventions, nonstop, share_weights)
 
 
 class ReftDataCollator:
@@ -89,4 +199,5 @@ class ReftDataCollator:
         return batch
 
 
-__all__ = ["IGNORE_INDEX", "ReftDataCollator", "reft_example"]
+__all__ = ["IGNORE_INDEX", "ReftDataCollator", "make_data_module", "make_last_position_supervised_data_module",
+           "make_multiple_position_supervised_data_module", "reft_example"]

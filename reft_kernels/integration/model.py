@@ -14,8 +14,8 @@ How it runs (and what it fixes in pyreft, ../shared/notes/reft-semantics.md)
 - One hook per (layer, component) site, registered once at construction and removed only by
   ReftModel.remove_hooks() (never other libraries' hooks). A site applies its interventions in order, each
   editing the hidden states in place at its positions with the fused op: no clone of the activation.
-- Per-call state (the locations, whether the edit is still due) lives in a ContextVar set by forward and
-  generate: two threads running two batches never see each other's positions, and a base-model call
+- Per-call state (the locations, where the current forward's tokens start) lives in a ContextVar set by
+  forward and generate: two threads running two batches never see each other's positions, and a base-model call
   outside ReftModel runs unedited.
 - Locations stay on the device: one transpose + copy per forward, then a view per intervention; no
   Python lists, no host sync.
@@ -23,11 +23,29 @@ How it runs (and what it fixes in pyreft, ../shared/notes/reft-semantics.md)
   batched group (reft_kernels.orthonormal_batch); a frozen adapter's R comes from each module's cache.
 - Gradient checkpointing: the checkpoint function of the base model is wrapped so that the recomputation
   in the backward sees the same per-call state (pyreft's recomputation runs without its hooks).
-- generate(): the prompt is edited once, at prefill; decode steps run no edit kernels (the hooks return
-  at once). Beam search and num_return_sequences repeat each row's locations.
+- Edits follow absolute positions. Before each forward of the base model a pre-hook reads where this
+  forward's tokens start in the sequence (the length of the KV cache passed to it, on the host: see
+  _past_length), and the hooks edit only the locations that fall among the tokens this forward processes.
+  So generate() edits the prompt once at prefill with a KV cache, edits it again at every step without one
+  (use_cache=False re-runs the whole sequence; Trainer leaves config.use_cache False), splits the edits of a
+  chunked prefill across its chunks, and gives the same tokens with every cache implementation, as a
+  step-by-step full forward does (tested). Locations index the prompt: generated tokens are never edited.
+  A forward whose tokens all lie past the prompt (every decode step with a cache) returns from the hooks
+  at once, decided on the host: no edit kernel runs and no device sync. Beam search and
+  num_return_sequences repeat each row's locations. (Where transformers compiles the decode step, with a
+  static cache on a GPU, the hooks' ContextVar read is a graph break: correct (checked by hand on the CPU with
+  compilation forced, 68 s of compiling: not in CI), but the compiled step is split at each hooked site;
+  its cost is not measured.)
+- pyreft's call forms (reft.generate(prompt, unit_locations=..., intervene_on_prompt=True) and `_, out = `)
+  are converted where unambiguous and refused with what to pass otherwise: integration/pyreft_calls.py.
 - eval()/train() reach the interventions (dropout is off in eval).
 - state_dict() is the adapter only (interventions and unfrozen modules): Trainer checkpoints hold the
-  adapter, not a copy of the frozen model.
+  adapter, not a copy of the frozen model. save_pretrained / from_pretrained: integration/checkpoint.py (an
+  integrity record; every tensor checked against the config at load).
+- forward's signature, as inspect.signature shows it, lists the base model's inputs: transformers' Trainer
+  keeps the dataset columns that name one, so remove_unused_columns=False is not needed.
+- Several ReftModels on one base model: each one's hooks edit only in its own calls; building another on a
+  base that still carries hooks warns (integration/model.py, _register_on_base).
 """
 from __future__ import annotations
 
@@ -35,24 +53,23 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
-import json
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from ..modules.interventions import INTERVENTIONS, ReftIntervention
+from ..modules.interventions import INTERVENTIONS, ReftIntervention, check_backend
 from ..modules.orthonormal import _BATCHED, Orthonormal, orthonormal_batch
+from . import checkpoint as _ckpt
+from . import pyreft_calls
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .config import ReftConfig
 from .locate import component_site, find_layers, hidden_size
 from .positions import check_locations, scheme_locations
-
-CONFIG_NAME = "reft_config.json"
-WEIGHTS_NAME = "reft_model.safetensors"
-FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -62,8 +79,10 @@ class _Call:
     owner: "ReftModel"
     locations: torch.Tensor  # [n_interventions, B, P] int64 on the model's device
     caller_storage: tuple  # data_ptrs of caller tensors the edit must not write into (inputs_embeds)
-    edit: bool = True  # generate: False once the prefill forward is done
-    generating: bool = False
+    bound: Optional[int] = None  # generate: the prompt's length; no location at or past it is edited
+    offset: int = 0  # where the current base-model forward's first token sits in the sequence (host int)
+    fed: dict = dataclasses.field(default_factory=dict)  # id(cache) -> (cache, its length after the last forward)
+    window: Optional[tuple] = None  # ((rows, offset, tokens), locations of that forward): computed once a forward
 
     def for_batch(self, batch: int) -> torch.Tensor:
         """Locations for a batch of `batch` rows: generate() expands rows for beams and return sequences
@@ -76,6 +95,20 @@ class _Call:
         self.locations = self.locations.repeat_interleave(batch // B, dim=1)
         return self.locations
 
+    def step_locations(self, batch: int, tokens: int) -> Optional[torch.Tensor]:
+        """Locations [n, batch, P] of the current forward, which processes absolute positions offset ..
+        offset + tokens - 1, in its own coordinates (-1 elsewhere); None when it can hold none (host ints)."""
+        if self.bound is not None and self.offset >= self.bound:
+            return None
+        locations = self.for_batch(batch)
+        if self.offset == 0 and (self.bound is None or tokens >= self.bound):
+            return locations  # the whole prompt (or a training batch): the locations as given
+        key = (batch, self.offset, tokens)
+        if self.window is None or self.window[0] != key:
+            shifted = locations - self.offset  # -1 stays negative
+            self.window = (key, torch.where((shifted >= 0) & (shifted < tokens), shifted, -1))
+        return self.window[1]
+
 
 _CALL: contextvars.ContextVar[Optional[_Call]] = contextvars.ContextVar("reft_kernels_call", default=None)
 
@@ -83,6 +116,61 @@ _CALL: contextvars.ContextVar[Optional[_Call]] = contextvars.ContextVar("reft_ke
 def _site_key(layer: int, component: str, copy: int) -> str:
     """pyvene's key spelling (0.1.7 and later), so checkpoints line up with pyreft's."""
     return f"layer_{layer}_comp_{component}_unit_pos_nunit_1#{copy}"
+
+
+def _cache_length(cache) -> Union[int, torch.Tensor, None]:
+    """Tokens held by a KV cache: an int where the cache keeps its length on the host (dynamic, sliding-window,
+    quantized, offloaded caches; legacy tuples of [B, heads, T, head_dim] tensors), a 0-dim tensor where it
+    keeps it on the device (static caches), None for an object that does not say."""
+    if isinstance(cache, (tuple, list)):  # transformers 4.x legacy format: per layer (key, value)
+        if not cache or not cache[0] or not isinstance(cache[0][0], torch.Tensor):
+            return 0
+        return cache[0][0].shape[-2]
+    get = getattr(cache, "get_seq_length", None)
+    if get is None:
+        return None
+    n = get()
+    return int(n) if isinstance(n, int) else n
+
+
+def _input_length(args: tuple, kwargs: dict) -> Optional[int]:
+    """The number of tokens a base-model forward processes, from its input_ids / inputs_embeds."""
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            return x.shape[1]
+    return None
+
+
+def _past_length(state: _Call, args: tuple, kwargs: dict) -> int:
+    """Where a base-model forward's first token sits in the sequence: the length of the KV cache it is given
+    (`cache` in transformers 5.x, `past_key_values` in 4.x; 0 without one), read on the host. A static cache
+    keeps its length on the device; for it the tokens this call has fed that cache are counted instead, and
+    the first time a call sees one whose length is not a host int (transformers 4.x: at prefill; 5.x: never
+    within one generate, an empty static cache says 0) it is read once, from cache_position where given
+    (one device sync)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    n = _cache_length(cache)
+    if isinstance(n, int):
+        offset = n
+    else:
+        seen = state.fed.get(id(cache))
+        position = kwargs.get("cache_position")  # transformers 4.x: the absolute positions of this forward
+        if seen is not None and seen[0] is cache:
+            offset = seen[1]
+        elif isinstance(position, torch.Tensor) and position.numel():
+            offset = int(position.reshape(-1)[0])  # exact (4.x's static caches count occupied slots, which a
+            # sliding-window cache caps at its window)
+        elif n is not None:
+            offset = int(n)
+        else:
+            raise TypeError(f"cannot tell where this forward's tokens start: the {type(cache).__name__} passed to "
+                            "the base model has no get_seq_length() and no cache_position was given")
+    tokens = _input_length(args, kwargs)
+    if tokens is not None:
+        state.fed[id(cache)] = (cache, offset + tokens)
+    return offset
 
 
 def _is_reentrant(checkpoint_fn) -> bool:
@@ -121,18 +209,77 @@ def _carry_call_state(checkpoint_fn):
     return checkpoint_with_reft_state
 
 
-class ReftModel(nn.Module):
+class _PyreftHints(type):
+    """ReftModel's metaclass: `ReftModel.load` (pyreft's loader) names its replacement instead of a bare
+    AttributeError (instances do the same through ReftModel.__getattr__)."""
+
+    def __getattr__(cls, name):
+        hint = pyreft_calls.pyreft_method_hint(cls.__name__, name)
+        if hint is not None:
+            raise AttributeError(hint)
+        raise AttributeError(f"type object {cls.__name__!r} has no attribute {name!r}")
+
+
+class _BoundForward:
+    """ReftModel.forward bound to one model: calls ReftModel._forward, and shows as its signature the base
+    model's inputs plus intervention_locations (see ReftModel._forward_signature). transformers' Trainer
+    reads that signature (inspect.signature(model.forward)) to choose the dataset columns it keeps."""
+
+    __slots__ = ("__self__", "__func__")
+
+    def __init__(self, func, owner):
+        self.__func__, self.__self__ = func, owner
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.__self__._forward_signature()
+
+    @property
+    def __doc__(self):
+        return self.__func__.__doc__
+
+    def __repr__(self) -> str:
+        return f"<bound method ReftModel.forward of {type(self.__self__.model).__name__} with ReFT>"
+
+
+class _Forward:
+    """The descriptor behind ReftModel.forward (a per-model signature; a plain method's is per class)."""
+
+    def __init__(self, func):
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj, cls=None):
+        return self.func if obj is None else _BoundForward(self.func, obj)
+
+
+class ReftModel(nn.Module, metaclass=_PyreftHints):
     """A frozen base model with ReFT interventions hooked in (module docstring).
 
     Args:
         model: a transformers PreTrainedModel (or any nn.Module with a config and a list of blocks).
         config: ReftConfig.
         layers_path: dotted path of the block list when it cannot be found generically.
-        backend: kernel backend for every intervention ("triton", "torch", None: automatic).
+        backend: kernel backend for every intervention: None (automatic: Triton on CUDA, the C++ kernels on
+            the CPU; reft_kernels.backend), "triton", "cpp" or "torch".
         freeze: set requires_grad=False on the base model (except config.unfrozen_modules).
 
-    Attributes: model (the base model), reft_config, interventions (nn.ModuleDict, keys as pyvene spells
-    them: "layer_{l}_comp_{component}_unit_pos_nunit_1#{k}"), config (the base model's config).
+    Attributes:
+        model: the base model. config: its config (what transformers utilities read).
+        reft_config: the adapter's ReftConfig.
+        interventions: nn.ModuleDict of the intervention modules, keys as pyvene spells them
+            ("layer_{l}_comp_{component}_unit_pos_nunit_1#{k}"), in the order intervention_locations indexes.
+        num_interventions: len(interventions), the n of intervention_locations [B, n, P] (twice the number of
+            representations with share_weights=False and a "f{p}+l{s}" scheme).
+        dim: the hidden width the interventions edit. device: where the interventions live.
+
+    Methods: forward / generate (native and pyreft call forms), locations(attention_mask),
+    save_pretrained / from_pretrained, remove_hooks, gradient_checkpointing_enable,
+    print_trainable_parameters. pyreft's save / load / set_device ... raise an AttributeError naming the
+    replacement.
     """
 
     def __init__(self, model: nn.Module, config: ReftConfig, *, layers_path: Optional[str] = None,
@@ -140,6 +287,9 @@ class ReftModel(nn.Module):
         super().__init__()
         if not isinstance(config, ReftConfig):
             raise TypeError(f"config must be a reft_kernels.ReftConfig, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be the base torch.nn.Module (a transformers model), got {type(model).__name__}")
+        check_backend(backend)
         self.model = model
         self.reft_config = config
         self.layers_path, layers = find_layers(model, layers_path)
@@ -181,35 +331,73 @@ class ReftModel(nn.Module):
         self._orthonormals = [m for m in self.interventions.modules() if isinstance(m, Orthonormal)]
 
         self._handles = []
+        self._register_on_base(model)
         for (layer, component), site in sites.items():
             _, module, which = component_site(layers[layer], component)
             if which == "input":
                 self._handles.append(module.register_forward_pre_hook(self._input_hook(site), with_kwargs=True))
             else:
                 self._handles.append(module.register_forward_hook(self._output_hook(site)))
-        # generate(): the first (prefill) forward of the base model ends the edits of that call
-        self._handles.append(model.register_forward_hook(self._end_of_prefill))
+        # before each forward of the base model: where its tokens start in the sequence
+        self._handles.append(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
         self._checkpointed = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         # Trainer reads this to decide whether to pass num_items_in_batch on to forward
         base_forward = inspect.signature(model.forward).parameters.values()
         self.accepts_loss_kwargs = getattr(model, "accepts_loss_kwargs",
                                            any(p.kind == p.VAR_KEYWORD for p in base_forward))
 
+    _ADAPTERS = "_reft_kernels_adapters"  # attribute of a base model: weak references to the ReftModels on it
+
+    def _register_on_base(self, model: nn.Module) -> None:
+        """Several ReftModels on one base model each edit only in their own calls (the hooks check the call's
+        owner), so an older one left attached does not change this one's outputs, and it keeps working
+        through its own forward/generate. Its hooks stay until its remove_hooks(): building a second one
+        warns, since a user who reloads an adapter onto the model it was trained on usually meant to replace
+        the first (and this one's freeze re-freezes the other's unfrozen_modules)."""
+        refs = [r for r in model.__dict__.get(self._ADAPTERS, []) if r() is not None and r()._handles]
+        if refs:
+            others = [r() for r in refs]
+            unfrozen = sorted({m for o in others for m in o.reft_config.unfrozen_modules})
+            warnings.warn(
+                f"this {type(model).__name__} already carries the hooks of {len(others)} other ReftModel(s). They stay "
+                "attached and edit only in their own forward/generate calls, so this adapter's outputs are its own; "
+                "call old_reft.remove_hooks() on the one(s) you replace"
+                + (f" (their unfrozen_modules {unfrozen} were frozen again unless this config unfreezes them)"
+                   if unfrozen else ""), stacklevel=4)
+        model.__dict__[self._ADAPTERS] = refs + [weakref.ref(self)]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            hint = pyreft_calls.pyreft_method_hint(type(self).__name__, name)
+            if hint is None:
+                raise
+        raise AttributeError(hint)
+
     # -- hooks ----------------------------------------------------------------------------------
+
+    def _begin_forward(self, module, args, kwargs):
+        state = _CALL.get()
+        if state is not None and state.owner is self:
+            state.offset = _past_length(state, args, kwargs)
+        return None
 
     def _edit(self, site, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """Applies a site's interventions to hidden [B, T, d]; returns the tensor to pass on, or None when
-        there is nothing to do in this call."""
+        there is nothing to do in this forward (decided on the host)."""
         state = _CALL.get()
-        if state is None or state.owner is not self or not state.edit:
+        if state is None or state.owner is not self or (state.bound is not None and state.offset >= state.bound):
             return None
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise ValueError(f"a ReFT site got {type(hidden).__name__} {getattr(hidden, 'shape', '')}; expected "
                              "hidden states [B, T, d]")
+        locations = state.step_locations(hidden.shape[0], hidden.shape[1])
+        if locations is None:
+            return None
         # in place, except into a tensor the caller owns (inputs_embeds) or a leaf that requires grad
         if (hidden.is_leaf and hidden.requires_grad) or hidden.untyped_storage().data_ptr() in state.caller_storage:
             hidden = hidden.clone()
-        locations = state.for_batch(hidden.shape[0])
         for index, intervention in site:
             hidden = intervention(hidden, locations[index])
         return hidden
@@ -248,16 +436,14 @@ class ReftModel(nn.Module):
 
         return reft_input_hook
 
-    def _end_of_prefill(self, module, args, output):
-        state = _CALL.get()
-        if state is not None and state.owner is self and state.generating:
-            state.edit = False
-
     def remove_hooks(self) -> None:
-        """Detaches this adapter from the base model (only its own hooks)."""
+        """Detaches this adapter from the base model (only its own hooks). Its forward and generate then
+        raise; the base model runs as it did before."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        refs = self.model.__dict__.get(self._ADAPTERS, [])
+        self.model.__dict__[self._ADAPTERS] = [r for r in refs if r() is not None and r() is not self]
         for m in self._checkpointed:
             f = getattr(m, "_gradient_checkpointing_func", None)
             if getattr(f, "reft_wrapped", None) is not None:
@@ -281,15 +467,26 @@ class ReftModel(nn.Module):
                 m._gradient_checkpointing_func = _carry_call_state(f)
 
     @contextlib.contextmanager
-    def _call(self, intervention_locations, batch: int, generating: bool, caller_tensors=()):
+    def _call(self, intervention_locations, batch: int, prompt_length: Optional[int] = None, caller_tensors=()):
+        """The per-call state around one forward or generate. prompt_length (generate): locations index the
+        prompt; any at or past its end are never edited (checked on the CPU, masked on a device)."""
+        if not self._handles:
+            raise RuntimeError("this ReftModel's hooks were removed (remove_hooks()): it can no longer edit; build "
+                               "a new one (get_reft_model / ReftModel.from_pretrained), or call reft.model(...) for "
+                               "the base model")
         if intervention_locations is None:
             raise ValueError("intervention_locations is required ([B, n_interventions, P] int64, -1 = no edit; "
                              "reft_model.locations(prompt_attention_mask) builds it). To run the base model "
                              "unedited, call reft_model.model(...)")
         locations = check_locations(intervention_locations, batch, self.num_interventions, self.device)
+        if prompt_length is not None:
+            if locations.device.type == "cpu" and locations.numel() and int(locations.max()) >= prompt_length:
+                raise ValueError(f"intervention_locations must index the prompt (positions -1 .. {prompt_length - 1}: "
+                                 f"it has {prompt_length} tokens), got {int(locations.max())}")
+            locations = torch.where(locations < prompt_length, locations, -1)
         storage = tuple(t.untyped_storage().data_ptr() for t in caller_tensors if isinstance(t, torch.Tensor))
         self._wrap_checkpointing()
-        token = _CALL.set(_Call(self, locations, storage, generating=generating))
+        token = _CALL.set(_Call(self, locations, storage, bound=prompt_length))
         try:
             # every trainable R once per call, all layers in one batch (frozen ones come from their caches)
             if any(p.requires_grad for m in self._orthonormals for p in m.parameters()):
@@ -305,29 +502,85 @@ class ReftModel(nn.Module):
         for x in (input_ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask")):
             if isinstance(x, torch.Tensor):
                 return x.shape[0]
-        raise ValueError("pass input_ids or inputs_embeds")
+        raise ValueError("pass input_ids or inputs_embeds (the prompt, [B, T]) with intervention_locations "
+                         "[B, n_interventions, P]: reft(input_ids=..., attention_mask=..., intervention_locations="
+                         "reft.locations(attention_mask))")
 
-    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, intervention_locations: Optional[torch.Tensor] = None,
-                **kwargs):
+    def _forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                 labels: Optional[torch.Tensor] = None, intervention_locations: Optional[torch.Tensor] = None,
+                 **kwargs):
         """The base model's forward with the edits applied. intervention_locations: [B, n_interventions, P]
-        int (-1 = no edit), required. Other arguments go to the base model unchanged."""
+        int (-1 = no edit), required. Other arguments go to the base model unchanged.
+
+        pyreft's form, reft(base_dict, unit_locations={"sources->base": (None, locs)}), is converted and
+        returns pyreft's pair (original output or None, edited output); see integration/pyreft_calls.py."""
+        if pyreft_calls.is_pyreft_call(input_ids, kwargs):
+            kwargs, original = pyreft_calls.convert(input_ids, kwargs, self.num_interventions, generating=False)
+            if attention_mask is not None:
+                kwargs.setdefault("attention_mask", attention_mask)
+            if labels is not None:
+                kwargs.setdefault("labels", labels)
+            if intervention_locations is not None:
+                if "intervention_locations" in kwargs:
+                    raise ValueError("give unit_locations (pyreft's form) or intervention_locations, not both")
+                kwargs["intervention_locations"] = intervention_locations
+            base = self.model(**{k: v for k, v in kwargs.items() if k != "intervention_locations"}) if original else None
+            return base, self._forward(**kwargs)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if labels is not None:
             kwargs["labels"] = labels
         batch = self._batch_size(input_ids, kwargs)
-        with self._call(intervention_locations, batch, False, (kwargs.get("inputs_embeds"),)):
+        with self._call(intervention_locations, batch, caller_tensors=(kwargs.get("inputs_embeds"),)):
             return self.model(input_ids=input_ids, **kwargs) if input_ids is not None else self.model(**kwargs)
+
+    forward = _Forward(_forward)
+
+    def _forward_signature(self) -> inspect.Signature:
+        """forward's parameters as inspect.signature shows them: input_ids, attention_mask, labels,
+        intervention_locations, then the base model's other named inputs (keyword-only), then **kwargs."""
+        cached = self.__dict__.get("_signature")
+        if cached is not None:
+            return cached
+        own = list(inspect.signature(self._forward).parameters.values())
+        names = {p.name for p in own}
+        try:
+            base = inspect.signature(self.model.forward).parameters.values()
+        except (TypeError, ValueError):
+            base = []
+        extra = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in base
+                 if p.name not in names and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        sig = inspect.Signature(own[:-1] + extra + own[-1:])
+        self.__dict__["_signature"] = sig
+        return sig
 
     @torch.no_grad()
     def generate(self, input_ids: Optional[torch.Tensor] = None, intervention_locations: Optional[torch.Tensor] = None,
                  **kwargs):
-        """The base model's generate with the prompt edited at prefill. intervention_locations is in the
-        prompt's coordinates ([B, n_interventions, P]; left padding: see locations()). Other arguments go to
-        the base model's generate."""
+        """The base model's generate with the prompt edited. intervention_locations: [B, n_interventions, P] in
+        the prompt's coordinates (left padding: see locations()); positions index the prompt, generated tokens
+        are never edited. Every forward of the base model edits the locations among the tokens it processes,
+        so the tokens are the same with the KV cache (the prompt edited once, at prefill), without it
+        (use_cache=False: every step re-runs the prompt, edited) and with any cache implementation. Other
+        arguments go to the base model's generate; the result is what it returns.
+
+        pyreft's form, `_, out = reft.generate(prompt, unit_locations={"sources->base": (None, locs)},
+        intervene_on_prompt=True, ...)`, is converted and returns pyreft's pair (original output or None, the
+        edited generation); see integration/pyreft_calls.py."""
+        if pyreft_calls.is_pyreft_call(input_ids, kwargs):
+            kwargs, original = pyreft_calls.convert(input_ids, kwargs, self.num_interventions, generating=True)
+            if intervention_locations is not None:
+                if "intervention_locations" in kwargs:
+                    raise ValueError("give unit_locations (pyreft's form) or intervention_locations, not both")
+                kwargs["intervention_locations"] = intervention_locations
+            base = self.model.generate(**{k: v for k, v in kwargs.items() if k != "intervention_locations"}) \
+                if original else None
+            return base, self.generate(**kwargs)
         batch = self._batch_size(input_ids, kwargs)
-        with self._call(intervention_locations, batch, True, (kwargs.get("inputs_embeds"),)):
+        embeds = kwargs.get("inputs_embeds")
+        prompt = embeds if isinstance(embeds, torch.Tensor) else input_ids
+        prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+        with self._call(intervention_locations, batch, prompt_length, (embeds,)):
             if input_ids is not None:
                 return self.model.generate(input_ids=input_ids, **kwargs)
             return self.model.generate(**kwargs)
@@ -405,26 +658,31 @@ class ReftModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads what state_dict() gives (adapter only). strict: every adapter key must be present and no
-        other key may be."""
+        other key may be. Checked before anything is copied (a refused state dict leaves the adapter as it
+        was): with strict, the keys; always, that no integer or boolean tensor lands in a floating
+        parameter (torch would cast it silently; shapes are checked by torch)."""
+        own = self.state_dict(keep_vars=True)
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading the ReFT adapter: missing keys {missing}, unexpected keys "
+                               f"{unexpected}")
+        for key, value in state_dict.items():
+            want = own.get(key)
+            if isinstance(value, torch.Tensor) and want is not None and want.dtype.is_floating_point and \
+                    not (value.dtype.is_floating_point or value.dtype.is_complex):
+                raise RuntimeError(f"Error(s) in loading the ReFT adapter: {key} is {value.dtype}, the adapter holds "
+                                   f"{want.dtype}: not a state dict of this adapter, or a damaged one")
         parts: dict[str, tuple[nn.Module, dict]] = {"interventions.": (self.interventions, {})}
         for name in self.reft_config.unfrozen_modules:
             parts[f"model.{name}."] = (self.model.get_submodule(name), {})
-        unexpected = []
         for key, value in state_dict.items():
             for prefix, (_, sub) in parts.items():
                 if key.startswith(prefix):
                     sub[key[len(prefix):]] = value
                     break
-            else:
-                unexpected.append(key)
-        missing = []
-        for prefix, (module, sub) in parts.items():
-            result = module.load_state_dict(sub, strict=False, assign=assign)
-            missing += [prefix + k for k in result.missing_keys]
-            unexpected += [prefix + k for k in result.unexpected_keys]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading the ReFT adapter: missing keys {missing}, unexpected keys "
-                               f"{unexpected}")
+        for module, sub in parts.values():
+            module.load_state_dict(sub, strict=False, assign=assign)
         for m in self._orthonormals:
             m._cache = None
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
@@ -438,7 +696,9 @@ class ReftModel(nn.Module):
     def save_pretrained(self, save_directory: Union[str, os.PathLike], state_dict: Optional[dict] = None,
                         is_main_process: bool = True, format: str = "reft_kernels", **_ignored) -> None:
         """Writes reft_config.json (everything needed to rebuild: representations, position scheme, unfrozen
-        modules, and the base model's width and depth) and reft_model.safetensors (the adapter state).
+        modules, the base model's width and depth, and an integrity record: the SHA-256 of the weights and of
+        the config, checked by from_pretrained) and reft_model.safetensors (the adapter state). See
+        integration/checkpoint.py.
 
         state_dict: the adapter state to write (default: self.state_dict()). Sharded (DTensor) entries, as
         FSDP2 leaves them, are gathered with full_tensor(), a collective: under FSDP every rank must call
@@ -455,8 +715,6 @@ class ReftModel(nn.Module):
             return
         if format != "reft_kernels":
             raise ValueError(f"format must be 'reft_kernels' or 'pyreft', got {format!r}")
-        from safetensors.torch import save_file
-
         from .. import __version__
 
         state = self.state_dict() if state_dict is None else state_dict
@@ -467,43 +725,45 @@ class ReftModel(nn.Module):
             tensors[key] = value.detach().to("cpu").contiguous().clone()
         if not is_main_process:
             return
-        os.makedirs(save_directory, exist_ok=True)
-        meta = {"format": "reft_kernels", "format_version": FORMAT_VERSION, "reft_kernels_version": __version__,
-                "config": self.reft_config.to_json(), "base_model": self._base_signature()}
-        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(meta, f, indent=2)
+        _ckpt.write(save_directory, self.reft_config, self._base_signature(), tensors, __version__)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: Union[str, os.PathLike], *,
                         backend: Optional[str] = None, layers_path: Optional[str] = None,
-                        freeze: bool = True) -> "ReftModel":
+                        freeze: bool = True, verify: bool = True) -> "ReftModel":
         """Rebuilds an adapter saved by save_pretrained on `model`, which must have the saved model's width
-        and number of layers (ValueError otherwise)."""
-        from safetensors.torch import load_file
+        and number of layers (ValueError otherwise). pyreft's argument order, from_pretrained(directory,
+        model), is accepted too.
 
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: not a directory written by ReftModel.save_pretrained")
-        with open(path) as f:
-            meta = json.load(f)
-        if meta.get("format") != "reft_kernels":
-            raise ValueError(f"{path} is not a reft_kernels adapter config")
-        saved = meta["base_model"]
-        layers_path = layers_path if layers_path is not None else saved.get("layers_path")
+        Checked (integration/checkpoint.py): the config parses and every field is valid; the integrity record
+        matches (a changed byte or field is an error naming the file; verify=False skips this check, for files
+        edited on purpose); every tensor has the key, shape and dtype the config implies. Files saved before
+        the record existed load with a warning."""
+        if isinstance(model, (str, os.PathLike)) and isinstance(directory, nn.Module):
+            model, directory = directory, model  # pyreft's ReftModel.load(directory, model) order
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"from_pretrained(model, directory): model must be the base torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        saved = _ckpt.read(directory, verify=verify)
+        base = saved.base_model
+        layers_path = layers_path if layers_path is not None else base["layers_path"]
         _, layers = find_layers(model, layers_path)
         width = hidden_size(model)
-        if width != saved["hidden_size"] or len(layers) != saved["num_layers"]:
-            raise ValueError(f"the adapter in {directory} was trained on a {saved['class']} with hidden size "
-                             f"{saved['hidden_size']} and {saved['num_layers']} layers; this "
-                             f"{type(model).__name__} has hidden size {width} and {len(layers)} layers")
+        if width != base["hidden_size"] or len(layers) != base["num_layers"]:
+            raise ValueError(f"the adapter in {saved.directory} was trained on a {base['class']} with hidden size "
+                             f"{base['hidden_size']} and {base['num_layers']} layers; this {type(model).__name__} has "
+                             f"hidden size {width} and {len(layers)} layers")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if saved.get("model_type") and model_type != saved["model_type"]:
-            warnings.warn(f"the adapter was trained on model_type {saved['model_type']!r}, loading it on "
+        if base["model_type"] and model_type != base["model_type"]:
+            warnings.warn(f"the adapter was trained on model_type {base['model_type']!r}, loading it on "
                           f"{model_type!r}", stacklevel=2)
-        reft = cls(model, ReftConfig.from_json(meta["config"]), layers_path=layers_path, backend=backend,
-                   freeze=freeze)
-        reft.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=str(reft.device)))
+        reft = cls(model, saved.config, layers_path=layers_path, backend=backend, freeze=freeze)
+        try:
+            _ckpt.check_tensors(saved, reft.state_dict(), castable=lambda key: key.startswith("model."))
+            reft.load_state_dict(saved.tensors)
+        except Exception:
+            reft.remove_hooks()  # a failed load leaves no hooks on the base model
+            raise
         return reft
 
 

@@ -69,11 +69,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import zipfile
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..integration.checkpoint import read_json
 from ..integration.config import ReftConfig, Representation
 from ..integration.locate import find_layers, hidden_size
 from ..integration.model import ReftModel
@@ -93,6 +95,7 @@ _ORIGINAL = "rotate_layer.parametrizations.weight.original"
 _BASE = "rotate_layer.parametrizations.weight.0.base"
 _PLAIN_R = "rotate_layer.weight"  # an unparametrized [d, r] weight (not written by pyreft 0.1.0)
 _BUFFERS = ("embed_dim", "interchange_dim")
+_R_TOLERANCE = 1e-4  # a saved R's orthonormality error: pyreft's fp32 Householder map gives ~1e-6
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -119,10 +122,27 @@ def _intkey_file(directory: str, *candidates: str) -> str:
 
 
 def _torch_load(path: str) -> dict:
+    """A state dict saved by torch.save, checked: the zip archive's CRC-32 of every member (torch.save writes
+    them; torch.load does not check them, so a flipped byte in tensor data would load), then a dict of
+    tensors. ValueError naming the file otherwise."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ValueError(f"{path} is a damaged zip archive ({e}): the file is corrupted") from None
+        if bad is not None:
+            raise ValueError(f"{path}: {bad} fails its CRC-32 check: the file is corrupted (bytes changed after "
+                             "torch.save wrote it)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except TypeError:  # torch < 1.13 has no weights_only
-        return torch.load(path, map_location="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError on damaged files
+        raise ValueError(f"{path} cannot be read by torch.load ({type(e).__name__}: {str(e)[:200]}): the file is "
+                         "truncated or corrupted") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path} must hold a state dict (names -> tensors), got {type(state).__name__}")
+    return state
 
 
 # -- torch's orthogonal parametrization -------------------------------------------------------------
@@ -197,11 +217,15 @@ def _pyreft_class(type_string: str) -> type[ReftIntervention]:
     return BY_PYREFT_NAME[name]
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _read_config(directory: str) -> dict:
-    """The pyvene config, with its representations as (layer, component, kind, rank) and their keys."""
+    """The pyvene config, with its representations as (layer, component, kind, rank) and their keys;
+    ValueError naming the file and the field for anything malformed."""
     path = os.path.join(directory, CONFIG_FILE)
-    with open(path) as f:
-        raw = json.load(f)
+    raw = read_json(path)
     reps = raw.get("representations")
     types = raw.get("intervention_types")
     if not isinstance(reps, list) or not reps:
@@ -217,23 +241,40 @@ def _read_config(directory: str) -> dict:
             layer, component, unit = rep.get("layer", 0), rep.get("component", "block_output"), rep.get("unit", "pos")
             units, rank = rep.get("max_number_of_units", 1), rep.get("low_rank_dimension")
             linked = linked or rep.get("intervention_link_key") is not None
-        else:
-            rep = list(rep) + [None] * max(0, 5 - len(rep))
+        elif isinstance(rep, list):
+            rep = rep + [None] * max(0, 5 - len(rep))
             layer, component, unit, units, rank = rep[:5]
             linked = linked or (len(rep) > _LINK_KEY and rep[_LINK_KEY] is not None)
+        else:
+            raise ValueError(f"{path}: representations[{i}] must be a list [layer, component, unit, "
+                             f"max_number_of_units, low_rank_dimension, ...] or an object, got {rep!r}")
+        if not _is_int(layer) or layer < 0:
+            raise ValueError(f"{path}: representations[{i}]: layer must be an int >= 0, got {layer!r}")
+        if not isinstance(component, str):
+            raise ValueError(f"{path}: representations[{i}]: component must be a string, got {component!r}")
         if unit != "pos" or units != 1:
             raise ValueError(f"{path}: representation {i} has unit={unit!r}, max_number_of_units={units!r}; "
                              "reft_kernels loads position interventions (unit 'pos', 1 unit) only")
-        if not isinstance(rank, int):
-            raise ValueError(f"{path}: representation {i} has no low_rank_dimension")
-        sites.append((int(layer), component, _pyreft_class(type_string).kind, rank))
+        if rank is None:
+            raise ValueError(f"{path}: representations[{i}] has no low_rank_dimension")
+        if not _is_int(rank) or rank < 1:
+            raise ValueError(f"{path}: representations[{i}]: low_rank_dimension must be an int >= 1, got {rank!r}")
+        try:
+            kind = _pyreft_class(type_string).kind
+        except ValueError as e:
+            raise ValueError(f"{path}: intervention_types[{i}]: {e}") from None
+        sites.append((layer, component, kind, rank))
     if linked:
         warnings.warn(f"{path} links interventions (intervention_link_key): they are loaded as independent "
                       "copies with the saved values", stacklevel=3)
     keys = raw.get("sorted_keys")
+    if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+        raise ValueError(f"{path}: sorted_keys must be a list of strings, got {keys!r}")
     if keys is not None and len(keys) != len(sites):
         raise ValueError(f"{path}: {len(keys)} sorted_keys for {len(sites)} representations")
     dims = raw.get("intervention_dimensions") or [None] * len(sites)
+    if not isinstance(dims, list) or len(dims) != len(sites) or not all(d is None or _is_int(d) for d in dims):
+        raise ValueError(f"{path}: intervention_dimensions must list one int width per representation, got {dims!r}")
     return {"sites": sites, "keys": keys, "dims": dims}
 
 
@@ -258,6 +299,10 @@ def _defaults(kind: str, dtype, act, dropout, add_bias, parametrization) -> dict
 def _split(state: dict, kind: str, where: str) -> dict[str, torch.Tensor]:
     """The tensors of one pyreft state dict by our names: R [r, d], weight, bias, proj_weight, proj_bias."""
     state = dict(state)
+    for name in (_R_KEY, _ORIGINAL, _BASE, _PLAIN_R):
+        if name in state and not state[name].dtype.is_floating_point:
+            raise ValueError(f"{where}: {name} is {str(state[name].dtype).replace('torch.', '')}; pyreft stores R "
+                             "in fp32: the file is corrupted or not a pyreft checkpoint")
     out: dict[str, torch.Tensor] = {}
     if _R_KEY in state and isinstance(state[_R_KEY], torch.Tensor):
         out["R"] = state.pop(_R_KEY).float().t()
@@ -317,6 +362,17 @@ def _load_into(module: ReftIntervention, state: dict, where: str, dim: int) -> N
         if tuple(value.shape) != shapes[name]:
             raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}, expected {shapes[name]} (rank "
                              f"{r}, model width {d}): the checkpoint does not fit this model")
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{where}: {name} is {str(value.dtype).replace('torch.', '')}; pyreft stores floating "
+                             "tensors: the file is corrupted or not a pyreft checkpoint")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: {name} holds non-finite values")
+    if "R" in parts:  # set_ would re-orthonormalize a damaged R and load another adapter without a word
+        R = parts["R"].double()
+        error = (R @ R.T - torch.eye(r, dtype=torch.float64)).abs().max().item()
+        if error > _R_TOLERANCE:
+            raise ValueError(f"{where}: R does not have orthonormal rows (max |R Rᵀ - I| = {error:.3g}; pyreft saves "
+                             f"them to fp32 rounding): the file is corrupted")
     for name, value in parts.items():
         if name == "R":
             module.rotation.set_(value.to(module.rotation.inputs()[0].device))
@@ -352,7 +408,8 @@ def load_pyreft(model: nn.Module, directory: PathLike, *,
         positions, share_weights: the position scheme it was trained with, kept in reft_config (pyreft's
             training script: "f{p}+l{s}"; share_weights=False means the checkpoint holds every
             representation twice, prefix ones first).
-        backend: kernel backend of the interventions. parametrization: of R (module docstring).
+        backend: kernel backend of the interventions (None: automatic, Triton on CUDA and the C++ kernels
+            on the CPU; "triton", "cpp" or "torch"). parametrization: of R (module docstring).
         layers_path: the model's block list, if it cannot be found generically.
         include_model: also load pytorch_model.bin (base-model weights pyvene saves with the adapter when
             asked, and the pyreft Trainer always: empty for a frozen model) when it is not empty; the
@@ -378,7 +435,8 @@ def load_pyreft(model: nn.Module, directory: PathLike, *,
     saved = _read_config(directory) if has_config else None
     width = hidden_size(model)
     layers_path, layers = find_layers(model, layers_path)
-    untied = ReftConfig(representations=[{"layer": 0}], positions=positions, share_weights=share_weights).untied
+    untied = ReftConfig(representations=[{"layer": 0, "low_rank_dimension": 1}], positions=positions,
+                        share_weights=share_weights).untied
 
     if saved is not None:
         for i, dim in enumerate(saved["dims"]):
@@ -407,7 +465,7 @@ def load_pyreft(model: nn.Module, directory: PathLike, *,
                 reps.append(rep)
                 continue
             rep = dict(rep)
-            kind = Representation.from_any({**rep, "dtype": None, "add_bias": False}).intervention
+            kind = Representation.from_any({**rep, "dtype": None, "add_bias": False, "act": None}).intervention
             for k, v in _defaults(kind, **extra).items():
                 rep.setdefault(k, v)
             reps.append(rep)

@@ -61,8 +61,8 @@ Where the numbers differ from pyreft (deliberately; pyreft's behaviour in parent
   KeyError without it, which is also why pyvene's loader cannot rebuild them), and their load_state_dict
   gives proj_layer a bias exactly when the state dict has `proj_layer.bias` (the files do not record
   add_bias), so pyreft.ReftModel.load rebuilds both, with or without b2.
-- Two extra keywords, which pyreft's classes do not have: backend ("triton", "torch", None: see
-  reft_kernels.backend) and inplace (default True).
+- Two extra keywords, which pyreft's classes do not have: backend (None: automatic, Triton on CUDA and
+  the C++ kernels on the CPU; "triton", "cpp" or "torch": see reft_kernels.backend) and inplace (default True).
 
 Checkpoints. `reft_model.save(dir)` writes pyreft's files; config.json names each intervention's class as
 pyvene always does (str(type(intervention))), here this module's. pyreft.ReftModel.load(dir, model) then
@@ -82,6 +82,7 @@ from pyvene import DistributedRepresentationIntervention, SourcelessIntervention
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..modules.interventions import check_backend
 from ..modules.orthonormal import Orthonormal
 from ..ops import activations as _acts
 from ..ops.fused_edit import reft_edit
@@ -123,7 +124,7 @@ class _FusedIntervention:
         self._dim, self._rank = int(embed_dim), int(low_rank_dimension)
         if not 1 <= self._rank <= self._dim:
             raise ValueError(f"need 1 <= low_rank_dimension <= embed_dim, got {self._rank} and {self._dim}")
-        self.backend, self.inplace = backend, bool(inplace)
+        self.backend, self.inplace = check_backend(backend), bool(inplace)
         # the op's name ("identity" for pyreft's None) and the ACT2FN name for the act_fn attribute
         self._act = "identity" if act_fn is None else _acts.canonical(act_fn)
         self._act_fn_name = "linear" if act_fn is None else self._act

@@ -38,10 +38,35 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..backend import BACKENDS
 from ..ops import activations as _acts
 from ..ops.fused_edit import reft_edit
 from ..ops.validation import check_dropout
 from .orthonormal import Orthonormal
+
+
+def check_backend(backend: Optional[str]) -> Optional[str]:
+    """backend as the modules take it: None (automatic), "triton", "cpp" or "torch"."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None (automatic), 'triton', 'cpp' or 'torch', got {backend!r}")
+    return backend
+
+
+def check_act(act: Optional[str], backend: Optional[str] = None) -> str:
+    """The canonical name of an activation, checked when a module or config is built rather than at its
+    first forward: a transformers ACT2FN name (None: identity). With a fused backend named explicitly
+    ("triton" or "cpp") it must also be one the fused kernels have (activations.SUPPORTED); with backend
+    None any ACT2FN name works (the others run the torch reference, with a warning)."""
+    name = _acts.canonical(act)
+    if name not in _acts.SUPPORTED:
+        from transformers.activations import ACT2FN  # slow import, only for the names the kernels lack
+
+        if name not in ACT2FN:
+            raise ValueError(f"act={act!r} is not a transformers ACT2FN name; the fused kernels have "
+                             f"{sorted(_acts.SUPPORTED)}, backend='torch' any of {sorted(ACT2FN)}")
+        if backend in ("triton", "cpp"):
+            _acts.kernel_code(name)  # raises: no fused kernel, names the supported ones and backend='torch'
+    return name
 
 
 def _linear_init(dim: int, rank: int, bias: bool, dtype, device) -> tuple[nn.Parameter, Optional[nn.Parameter]]:
@@ -55,6 +80,11 @@ def _linear_init(dim: int, rank: int, bias: bool, dtype, device) -> tuple[nn.Par
 
 class ReftIntervention(nn.Module):
     """Base class: holds the parameters of one intervention and edits hidden states with the fused op.
+
+    Args (shared by the six types): dim (the hidden width d), rank (r, 1 <= r <= d); dtype of W, b, W2, b2
+    (None: the type's default); act (None or a transformers ACT2FN name, checked here); dropout in [0, 1);
+    parametrization of R (orthonormal types); device; backend: None (automatic: Triton on CUDA, the C++
+    kernels on the CPU, see reft_kernels.backend), "triton", "cpp" or "torch".
 
     Subclasses set the class attributes below and create their parameters; `forward` is shared.
     """
@@ -71,17 +101,17 @@ class ReftIntervention(nn.Module):
                  dropout: float = 0.0, parametrization: str = "stereographic", device=None,
                  backend: Optional[str] = None):
         super().__init__()
-        if not (isinstance(dim, int) and isinstance(rank, int) and 1 <= rank <= dim):
+        if not (type(dim) is int and type(rank) is int and 1 <= rank <= dim):  # (bool is an int: refused)
             raise ValueError(f"need integers 1 <= rank <= dim, got dim={dim!r}, rank={rank!r}")
         self.dim, self.rank = dim, rank
         self.dtype = dtype if dtype is not None else self.default_dtype
         if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.act = _acts.canonical(act)
+        self.backend = check_backend(backend)
+        self.act = check_act(act, backend)
         if not self.source_linear and self.act != "identity":
             raise ValueError(f"{type(self).__name__} has no W h + b to apply an activation to; got act={act!r}")
         self.dropout = check_dropout(dropout)
-        self.backend = backend
         if self.orthonormal:
             self.rotation = Orthonormal(dim, rank, parametrization=parametrization, device=device, backend=backend)
         elif parametrization != "stereographic":
@@ -222,5 +252,5 @@ INTERVENTIONS: dict[str, type[ReftIntervention]] = {
 }
 BY_PYREFT_NAME: dict[str, type[ReftIntervention]] = {cls.pyreft_name: cls for cls in INTERVENTIONS.values()}
 
-__all__ = ["BY_PYREFT_NAME", "ConsReFT", "DiReFT", "INTERVENTIONS", "LoReFT", "LobiReFT", "NoReFT",
+__all__ = ["BY_PYREFT_NAME", "ConsReFT", "check_act", "check_backend", "DiReFT", "INTERVENTIONS", "LoReFT", "LobiReFT", "NoReFT",
            "OrthoDiReFT", "ReftIntervention"]

@@ -81,7 +81,8 @@ class Orthonormal(nn.Module):
             decay (torch's map reads a sign diagonal that decay shrinks to 0, which zeroes R); it is
             computed per call, never batched.
         device: where the parameters live.
-        backend: the orthonormalization backend ("triton", "torch", None: reft_kernels.backend).
+        backend: the orthonormalization backend (None: automatic; "triton"; "torch"; "cpp", which runs the
+            torch reference, R having no C++ kernel: reft_kernels.backend).
 
     Initialisation as pyreft: torch.nn.init.orthogonal_ of a [dim, rank] matrix (so for one seed every
     parametrization starts from the same R).
