@@ -229,14 +229,12 @@ def main(argv=None):
     env["dtype"] = str(dtype).replace("torch.", "")
     progress = lambda s: print(f"  pyreft_dropin: {s}", flush=True)  # noqa: E731
     rows = []
-    with H.cpu_threads(1):
-        if not cuda:
-            env["cpu_threads"] = torch.get_num_threads()
+    with H.cpu_threads(H.SUITE_THREADS):
         for shape, layers in cases:
             for type_key in types:
                 rows += run_case(pyreft, shape, layers, type_key, a.providers, batch=batch, seq=seq, rounds=rounds,
                                  warmup=warmup, steps=steps, device=device, dtype=dtype, progress=progress)
-    notes = __doc__.split("\n", 1)[1]
+    notes = H.suite_notes(__doc__)
     for r in rows:  # the providers start from the same state: their first losses must agree
         ref = next((x["first_loss"] for x in rows if x["provider"] == "pyreft" and x["type"] == r["type"]
                     and x["shape"] == r["shape"] and x["layers"] == r["layers"]), None)
@@ -248,7 +246,7 @@ def main(argv=None):
               "allocates AdamW's state). spread_pct: interquartile range over the median. speedup: pyreft's median "
               "step time over the row's. peak_GB: model weights included.\n")
     if not cuda:
-        notes += H.cpu_run_note(env["dtype"], "Peak memory is not measured on a CPU, shown as '-'.")
+        notes += H.cpu_run_note(env, "Peak memory is not measured on a CPU, shown as '-'.")
     H.finish_suite("pyreft_dropin", rows, COLUMNS, env, notes, {}, a.out)
 
 
