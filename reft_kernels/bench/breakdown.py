@@ -202,8 +202,10 @@ def profile(fn: Callable[[], object], calls: int, cuda: bool) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from .timing import quiet_profiler
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:
+    with quiet_profiler(), torch_profile(activities=activities) as prof:
         for _ in range(calls):
             with record_function(_LABEL["step"]):
                 fn()

@@ -146,6 +146,32 @@ def peak_memory_gb() -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+@contextlib.contextmanager
+def quiet_profiler():
+    """Keeps the profiler's own start and stop lines (kineto writes "USDT: ... profiler_start" to stderr at
+    every session) off the terminal: stderr is sent to a file for the block and everything else in it is
+    written back after."""
+    import os
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not (ln.startswith("USDT:") and "ProfilerHandler" in ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def step_peak_mb(fn: Callable[[], object], device) -> float:
     """The most tensor memory allocated at once during one call of fn, above what was allocated before
     it, in MiB (activations, gradients, temporaries; optimizer state only if this call creates it). CUDA:
@@ -162,7 +188,7 @@ def step_peak_mb(fn: Callable[[], object], device) -> float:
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # every allocation and free as it happened (FunctionEvent folds them into the op that made them)
     events = [e for e in prof.profiler.kineto_results.events()
