@@ -24,7 +24,7 @@ from reft_kernels.bench.models import ModelError, load_model
 
 SPEC = "loreft r=2 layers=0,1 positions=f2+l2"
 FAST = ["--batch", "1", "--prompt", "8", "--output", "3", "--rounds", "1", "--steps", "1", "--warmup", "0",
-        "--threads", "1"]
+        "--threads", "1", "--profile-calls", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ Components (each one's time excludes the ones above it, so nothing is counted tw
 - optimizer: AdamW's step and zero_grad over the adapter's parameters (training)
 - rest of the step: the base model, the loss, autograd's own work (profiled step minus the above)
 host_ms is CPU time on the threads that ran it; device_ms (GPU) the time of the kernels those ranges
-launched. Profiling adds its own cost to every recorded op, so the profiled step is slower than the timed
+launched. Each figure is the median over several profiled calls, one profiler session each. Profiling adds its own cost to every recorded op, so the profiled step is slower than the timed
 one: compare components with each other and with the timed overhead, not to the microsecond.
 """
 from __future__ import annotations
@@ -198,20 +198,29 @@ def split(events) -> dict:
 
 
 def profile(fn: Callable[[], object], calls: int, cuda: bool) -> dict:
-    """split() of `calls` calls of fn, each inside a step range, per call (microseconds)."""
+    """split() of one call of fn (inside a step range), per component the median over `calls` profiled
+    calls, each in a profiler session of its own (one slow call, the machine's or the profiler's, moves
+    no median); REST is the median step less the median components. Microseconds."""
+    import statistics
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from .timing import quiet_profiler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with quiet_profiler(), torch_profile(activities=activities) as prof:
-        for _ in range(calls):
+    runs = []
+    for _ in range(calls):
+        with quiet_profiler(), torch_profile(activities=activities) as prof:
             with record_function(_LABEL["step"]):
                 fn()
             if cuda:
                 torch.cuda.synchronize()
-    return {c: (h / calls, d / calls) for c, (h, d) in split(prof.events()).items()}
+        runs.append(split(prof.events()))
+    out = {c: (statistics.median(r[c][0] for r in runs), statistics.median(r[c][1] for r in runs))
+           for c in (*COMPONENTS, TOTAL)}
+    out[REST] = (out[TOTAL][0] - sum(out[c][0] for c in COMPONENTS), out[TOTAL][1] - sum(out[c][1] for c in COMPONENTS))
+    return out
 
 
 def rows(parts: dict, cuda: bool, base: dict) -> list[dict]:

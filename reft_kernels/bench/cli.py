@@ -70,6 +70,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting; stated "
                    "in the results)")
     g.add_argument("--no-profile", action="store_true", help="skip the profiler pass (no breakdown)")
+    g.add_argument("--profile-calls", type=int, default=5,
+                   help="profiled calls per breakdown, one profiler session each; the median is kept (default 5)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights, adapter init and tokens")
     ap.add_argument("--out", default=None, help="folder for bench.md, bench.csv, bench.json, breakdown.csv, bench.png")
 
@@ -90,7 +92,7 @@ def _check(ap, a) -> None:
         ap.error(f"--output must be at least 1, got {a.output}")
     if "decode" in a.modes and a.output < 2:
         ap.error("decode needs --output of at least 2 (per token = (t(token N) - t(token 1)) / (N - 1))")
-    for name in ("rounds", "steps", "repeats", "threads", "lora_r"):
+    for name in ("rounds", "steps", "repeats", "threads", "lora_r", "profile_calls"):
         v = getattr(a, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -110,7 +112,7 @@ def run(a, *, log=print) -> dict:
     settings = M.Settings(modes=tuple(a.modes), batches=tuple(a.batch or ([1, 8] if cuda else [1])),
                           prompts=tuple(a.prompt), output=a.output, providers=tuple(a.providers),
                           rounds=a.rounds or (5 if cuda else 3), steps=a.steps, warmup=a.warmup, repeats=a.repeats,
-                          profile=not a.no_profile, lora_r=a.lora_r, lora_targets=a.lora_targets, seed=a.seed + 1)
+                          profile=not a.no_profile, profile_calls=a.profile_calls, lora_r=a.lora_r, lora_targets=a.lora_targets, seed=a.seed + 1)
     t0 = time.time()
     with cpu_threads(a.threads):
         env = environment(device, threads=torch.get_num_threads() if not cuda else None)

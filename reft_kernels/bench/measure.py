@@ -112,7 +112,7 @@ class Settings:
     warmup: int = 1
     repeats: int = 1
     profile: bool = True
-    profile_calls: int = 3
+    profile_calls: int = 5
     lora_r: Optional[int] = None
     lora_targets: Optional[list] = None
     trainable_for_generate: bool = False
@@ -186,7 +186,7 @@ def extra_pass(work: P.Workload, make: Callable, train: bool, settings: Settings
                     out["breakdown"] = {"prefill": one}
                     if "decode" in settings.modes:
                         n = settings.output
-                        many = B.profile(lambda: built.generate(n), 1, cuda)
+                        many = B.profile(lambda: built.generate(n), settings.profile_calls, cuda)
                         out["breakdown"]["decode"] = {c: ((many[c][0] - one[c][0]) / (n - 1),
                                                           (many[c][1] - one[c][1]) / (n - 1)) for c in many}
     finally:
