@@ -143,7 +143,8 @@ def main(argv=None):
     notes = H.suite_notes(__doc__)
     notes += (f"\nMedians over {rounds} interleaved repeats (provider order rotated each repeat, after one discarded "
               "warm-up repeat); each repeat builds the provider afresh, runs one untimed prefill, then times "
-              f"generate with 1 new token (wall time, synchronized) and with {new}, per decode step (the step clock). *_over_plain_pct: over plain "
+              f"generate with 1 new token (wall time, synchronized) and with {new}, per decode step (the step clock). "
+              "*_over_plain_pct: over plain "
               "generate in the same run, in percent (targets for ours: prefill at most 2, per token at most 0.5). "
               "*_spread_pct: interquartile range over the median of t(1) and of the per-token time.\n")
     if not cuda:

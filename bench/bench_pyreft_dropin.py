@@ -14,8 +14,9 @@ Setting: rank 4 on the block output of every layer (1b: all 16), positions "f5+l
 last 5 tokens of every row, one intervention per layer, the same slots for every intervention, as
 pyreft's data module repeats them), batch 8 x 512 with labels on the second half of each row, bf16 model
 and bf16 W (pyreft's default dtype) on a GPU. On a CPU: the "tiny" shape (all 8 layers), batch 4 x 128,
-fp32; those figures check that the suite runs and are not the product's claim (the drop-in runs the
-torch reference edit there, and pyvene's per-call host work dominates a tiny model).
+fp32; those figures check that the suite runs and are not the product's claim (pyvene's per-call host work
+dominates a tiny model; the header's edit_backend says what the drop-in's edit ran on: the fused C++
+kernels where they build).
 Providers (both start every round from the same intervention state):
 - pyreft: pyreft.<Type>Intervention
 - dropin: reft_kernels.interop.pyreft_dropin.<Type>Intervention (the fused edit: Triton on a GPU; R from

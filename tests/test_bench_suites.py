@@ -7,7 +7,6 @@ import math
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 import reft_kernels as rk

@@ -18,7 +18,8 @@ Components (each one's time excludes the ones above it, so nothing is counted tw
 - optimizer: AdamW's step and zero_grad over the adapter's parameters (training)
 - rest of the step: the base model, the loss, autograd's own work (profiled step minus the above)
 host_ms is CPU time on the threads that ran it; device_ms (GPU) the time of the kernels those ranges
-launched. Each figure is the median over several profiled calls, one profiler session each. Profiling adds its own cost to every recorded op, so the profiled step is slower than the timed
+launched. Each figure is the median over several profiled calls, one profiler session each. Profiling
+adds its own cost to every recorded op, so the profiled step is slower than the timed
 one: compare components with each other and with the timed overhead, not to the microsecond.
 """
 from __future__ import annotations

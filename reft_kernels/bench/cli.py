@@ -42,7 +42,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="random weights of the model's shape (timing needs no trained weights; needed for a directory "
                         "or a hub name without weights at hand)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 on a GPU, fp32 on a CPU)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="model dtype (default bf16 on a GPU, fp32 on a CPU)")
     g.add_argument("--device", default=None, help="cuda or cpu (default cuda when there is a GPU)")
     g = ap.add_argument_group("adapter")
     g.add_argument("--adapter", required=True,
@@ -112,7 +113,8 @@ def run(a, *, log=print) -> dict:
     settings = M.Settings(modes=tuple(a.modes), batches=tuple(a.batch or ([1, 8] if cuda else [1])),
                           prompts=tuple(a.prompt), output=a.output, providers=tuple(a.providers),
                           rounds=a.rounds or (5 if cuda else 3), steps=a.steps, warmup=a.warmup, repeats=a.repeats,
-                          profile=not a.no_profile, profile_calls=a.profile_calls, lora_r=a.lora_r, lora_targets=a.lora_targets, seed=a.seed + 1)
+                          profile=not a.no_profile, profile_calls=a.profile_calls, lora_r=a.lora_r,
+                          lora_targets=a.lora_targets, seed=a.seed + 1)
     t0 = time.time()
     with cpu_threads(a.threads):
         env = environment(device, threads=torch.get_num_threads() if not cuda else None)
@@ -212,7 +214,8 @@ def write(result: dict, out: Path) -> list[Path]:
     notes = result["notes"]
     if result["breakdown"]:
         notes += ("\n## Breakdown of reft_kernels' time\n\nTimed overhead over frozen (same run):\n"
-                  + "\n".join(overhead_lines(result)) + "\n\n" + markdown_table(result["breakdown"], breakdown_columns(result))
+                  + "\n".join(overhead_lines(result)) + "\n\n"
+                  + markdown_table(result["breakdown"], breakdown_columns(result))
                   + "\n\n## Results\n")
     md = write_results("bench", result["rows"], COLUMNS, result["env"], notes, out_dir=out,
                        plot=lambda rows, env, d: plot(rows, result["breakdown"], env, d),

@@ -140,7 +140,9 @@ def load_model(name: str, *, random_weights: bool = False, dtype: torch.dtype = 
 def describe_size(model: nn.Module) -> str:
     params = sum(p.numel() for p in model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return f"{params / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB"
+    if params >= 10**6:
+        return f"{params / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB"
+    return f"{params:,} parameters, {nbytes / 2**10:.0f} KiB"
 
 
 def num_layers(model: nn.Module, layers_path: Optional[str] = None) -> int:

@@ -144,7 +144,8 @@ def plot(rows: Sequence[dict], breakdown: Sequence[dict], env: dict, out_dir: Pa
         for comp in comps:
             widths = []
             for g in groups:
-                row = next((r for r in breakdown if (r["mode"], r["batch"], r["prompt"]) == g and r["component"] == comp), None)
+                row = next((r for r in breakdown
+                            if (r["mode"], r["batch"], r["prompt"]) == g and r["component"] == comp), None)
                 widths.append(max(0.0, num(row["pct_of_step"]) or 0.0) if row else 0.0)
             ax.barh(range(len(groups)), widths, left=left, color=COMPONENT_COLORS[comp], label=comp)
             left = [a + b for a, b in zip(left, widths)]

@@ -212,8 +212,8 @@ def hook_rows(model: nn.Module, sites: list, edits: list) -> list:
 def build_frozen(work: Workload, adapter, train: bool) -> Built:
     model = work.model
     if not train:
-        return Built(0, lambda: None, generate=lambda n, clock=None: model.generate(input_ids=work.prompt_ids,
-                                                                          attention_mask=work.prompt_mask, **greedy(n, clock)))
+        return Built(0, lambda: None, generate=lambda n, clock=None: model.generate(
+            input_ids=work.prompt_ids, attention_mask=work.prompt_mask, **greedy(n, clock)))
     locations = _locations(work, adapter)
     sites = [(rep.layer, rep.component, locations[:, i]) for i, (rep, _) in enumerate(adapter.interventions())]
     edits = [BiasEdit(work.dim, work.dtype, work.ids.device) for _ in sites]
@@ -310,7 +310,8 @@ def build_pyreft(work: Workload, adapter, train: bool) -> Built:
         # pyvene registers its hooks on each call and removes them after: nothing to tear down
         return _trained(loss, [p for p in reft.parameters() if p.requires_grad], lambda: None)
     # (generate runs under no_grad inside transformers' generate, as for the other providers)
-    return Built(sum(p.numel() for p in reft.parameters() if p.requires_grad), lambda: None, generate=lambda n, clock=None: reft.generate(
+    params = sum(p.numel() for p in reft.parameters() if p.requires_grad)
+    return Built(params, lambda: None, generate=lambda n, clock=None: reft.generate(
         {"input_ids": work.prompt_ids, "attention_mask": work.prompt_mask},
         unit_locations={"sources->base": (None, locations.tolist())}, intervene_on_prompt=True, **greedy(n, clock)))
 
