@@ -189,6 +189,8 @@ def extra_pass(work: P.Workload, make: Callable, train: bool, settings: Settings
                         many = B.profile(lambda: built.generate(n), settings.profile_calls, cuda)
                         out["breakdown"]["decode"] = {c: ((many[c][0] - one[c][0]) / (n - 1),
                                                           (many[c][1] - one[c][1]) / (n - 1)) for c in many}
+                    if "prefill" not in settings.modes:  # profiled only as decode's baseline
+                        del out["breakdown"]["prefill"]
     finally:
         built.teardown()
         gc.collect()
