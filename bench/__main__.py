@@ -1,4 +1,7 @@
-"""The main job: runs the suites that fit this device and writes bench/results/<device>/.
+"""The main job: runs the suites that fit this device and writes their results into one new folder,
+bench/runs/<device>/<UTC date-time>-<commit>/ (git ignores bench/runs/; bench/runs/<device>/latest points at
+the newest). Results the README quotes are kept apart, in bench/reference/<device>-<commit>/ (copied there
+from a run by hand, and committed).
 
 Suites: ops (the fused edit), orthonormal (keeping R orthonormal per training step), convergence (the
 default R parametrization against pyreft's exact one on a memorization task), train_step (a whole
@@ -13,9 +16,11 @@ Triton is a correctness tool, not a timing one). Each suite writes <suite>.md, .
     python -m bench                                  # every suite
     python -m bench --suites train_step generate     # some of them (names as above); other arguments go
                                                      # to the ops suite (--n, --tune) and --out to all
+                                                     # (default: the new run folder above)
 """
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -47,8 +52,12 @@ def main():
               "Triton kernels' figures, floors and ratios need a CUDA GPU (see README for the latest GPU "
               "results).", flush=True)
     suites, argv = _take_suites(sys.argv[1:])
-    out = argv[argv.index("--out") + 1:argv.index("--out") + 2] if "--out" in argv else []
-    out_args = ["--out", *out] if out else []
+    if "--out" in argv:
+        out = argv[argv.index("--out") + 1]
+    else:  # every suite of this run writes into one new folder
+        out = str(H.run_dir())
+        argv = [*argv, "--out", out]
+    out_args = ["--out", out]
     runs = {
         "ops": lambda: bench_ops.main(argv),
         "orthonormal": lambda: bench_orthonormal.main(out_args),
@@ -57,18 +66,25 @@ def main():
         "generate": lambda: bench_generate.main(out_args),
         "pyreft_dropin": lambda: bench_pyreft_dropin.main(out_args),
     }
+    done = []  # (suite, what happened): the run folder's index.md
     # a bar over the suites on a terminal ("suite k/n: name" lines in a log); long suites nest their own
     for name in H.progress(suites, "suite", label=str):
         t = time.time()
         if name == "pyreft_dropin" and H.import_pyreft()[0] is None:
             # pyreft pins transformers 4.45.1, so the main environment does not have it; the GPU script
             # carries it (scripts/gpu_check.sh), and tests_pyreft/ checks the drop-ins against it in CI
-            print(f"suite pyreft_dropin skipped: pyreft does not import here ({H.import_pyreft()[1]})", flush=True)
+            why = f"skipped: pyreft does not import here ({H.import_pyreft()[1]})"
+            print(f"suite pyreft_dropin {why}", flush=True)
+            done.append((name, why))
             continue
         runs[name]()
         print(f"suite {name} done in {time.time() - t:.0f} s", flush=True)
-    where = out[0] if out else f"bench/results/{H.device_slug()}"
-    print(f"main job done in {time.time() - t0:.0f} s; results (markdown, CSV, JSON, PNG plots) under {where}/",
+        done.append((name, f"[{name}.md]({name}.md), {time.time() - t:.0f} s"))
+    env = H.environment()
+    Path(out, "index.md").write_text("# main job\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
+                                     + "\n".join(f"- {n}: {what}" for n, what in done)
+                                     + f"\n\nTotal: {time.time() - t0:.0f} s.\n")
+    print(f"main job done in {time.time() - t0:.0f} s; results (markdown, CSV, JSON, PNG plots) under {out}/",
           flush=True)
     if not torch.cuda.is_available():
         print("These are CPU figures: the fused C++ CPU kernels (provider cpp) against the torch reference. The "
