@@ -213,18 +213,14 @@ Routing route(const Layout& L, const at::Tensor& positions, const at::Tensor& ad
 
 // The registered ops' act / may_subtract hints (the Triton kernels compile them in) must agree with kinds:
 // act >= 0 is the activation of every non-empty adapter with a linear source, and without may_subtract no
-// non-empty adapter subtracts L h.
-void check_hints(const at::Tensor& kinds, const at::Tensor& ranks, int64_t act, bool may_subtract) {
-  TORCH_CHECK(kinds.dim() == 1 && ranks.sizes() == kinds.sizes() && kinds.scalar_type() == at::kInt &&
-              ranks.scalar_type() == at::kInt && kinds.device().is_cpu() && ranks.device().is_cpu(),
-              "reft_kernels_cpp: kinds and ranks must be [A] int32 CPU tensors");
-  const at::Tensor k = kinds.contiguous(), rk = ranks.contiguous();
-  const int32_t *kp = k.data_ptr<int32_t>(), *rp = rk.data_ptr<int32_t>();
-  for (int64_t a = 0; a < k.numel(); ++a) {
-    if (rp[a] <= 0) continue;
-    TORCH_CHECK_VALUE(act < 0 || !(kp[a] & kSourceLinear) || (kp[a] >> kActShift) == act, "act=", act,
-                      " disagrees with kinds[", a, "] = ", kp[a], " (activation code ", kp[a] >> kActShift, ")");
-    TORCH_CHECK_VALUE(may_subtract || !(kp[a] & kSubtractProj), "may_subtract=False but kinds[", a, "] = ", kp[a],
+// non-empty adapter subtracts L h. (act = -1 with may_subtract holds for every bank.)
+void check_hints(const Bank& bk, int64_t act, bool may_subtract) {
+  for (int64_t a = 0; a < bk.A; ++a) {
+    const int32_t k = bk.kinds[a];
+    if (bk.ranks[a] <= 0) continue;
+    TORCH_CHECK_VALUE(act < 0 || !(k & kSourceLinear) || (k >> kActShift) == act, "act=", act, " disagrees with kinds[",
+                      a, "] = ", k, " (activation code ", k >> kActShift, ")");
+    TORCH_CHECK_VALUE(may_subtract || !(k & kSubtractProj), "may_subtract=False but kinds[", a, "] = ", k,
                       " subtracts L h");
   }
 }
@@ -359,10 +355,11 @@ std::tuple<at::Tensor, at::Tensor> mixed_fwd_impl(
     const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& adapter_ids, const at::Tensor& lift,
     const std::optional<at::Tensor>& weight, const at::Tensor& bias, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& kinds, const at::Tensor& ranks, const at::Tensor& dropout, bool apply_dropout, int64_t seed,
-    int64_t save, bool check) {
+    int64_t save, bool check, int64_t act = -1, bool may_subtract = true) {
   const Layout L = layout_of(hidden, "hidden", positions);
   const Bank bk = check_bank(lift, weight, &bias, proj_bias, proj_bias.has_value() && proj_bias->defined(), kinds,
                              ranks, dropout, L.d);
+  check_hints(bk, act, may_subtract);
   const int64_t N = L.B * L.P, d = L.d;
   at::Tensor saved = save >= 2 ? at::empty({N, d}, hidden.options()) : at::empty({0}, hidden.options());
   at::Tensor stats = save >= 1 ? at::empty({N, 2, bk.rp}, hidden.options().dtype(at::kFloat))
@@ -385,9 +382,8 @@ std::tuple<at::Tensor, at::Tensor> mixed_fwd_cpu(
     const std::optional<at::Tensor>& weight, const at::Tensor& bias, const std::optional<at::Tensor>& proj_bias,
     const at::Tensor& kinds, const at::Tensor& ranks, const at::Tensor& dropout, int64_t act, bool may_subtract,
     bool apply_dropout, int64_t seed, int64_t save, bool) {
-  check_hints(kinds, ranks, act, may_subtract);
   return mixed_fwd_impl(hidden, positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout,
-                        apply_dropout, seed, save, false);
+                        apply_dropout, seed, save, false, act, may_subtract);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -548,9 +544,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_bwd
     const at::Tensor& grad_out, const at::Tensor& positions, const at::Tensor& adapter_ids,
     const std::optional<at::Tensor>& rows, const std::optional<at::Tensor>& output, const at::Tensor& stats,
     const at::Tensor& lift, const std::optional<at::Tensor>& weight, bool has_proj_bias, const at::Tensor& kinds,
-    const at::Tensor& ranks, const at::Tensor& dropout, bool apply_dropout, int64_t seed, bool need_grad_hidden) {
+    const at::Tensor& ranks, const at::Tensor& dropout, bool apply_dropout, int64_t seed, bool need_grad_hidden,
+    int64_t act = -1, bool may_subtract = true) {
   const Layout L = layout_of(grad_out, "grad_out", positions);
   const Bank bk = check_bank(lift, weight, nullptr, std::nullopt, has_proj_bias, kinds, ranks, dropout, L.d);
+  check_hints(bk, act, may_subtract);
   const int64_t N = L.B * L.P, d = L.d;
   Grads grads = new_grads(bk, bk.A, grad_out.options());
   at::Tensor grad_hidden = need_grad_hidden ? at::empty(grad_out.sizes(), grad_out.options())
@@ -594,9 +592,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_bwd
     const at::Tensor& lift, const std::optional<at::Tensor>& weight, bool has_proj_bias, const at::Tensor& kinds,
     const at::Tensor& ranks, const at::Tensor& dropout, int64_t act, bool may_subtract, bool apply_dropout, int64_t seed,
     bool need_grad_hidden) {
-  check_hints(kinds, ranks, act, may_subtract);
   return mixed_bwd_cpu(grad_out, positions, adapter_ids, rows, output, stats, lift, weight, has_proj_bias, kinds, ranks,
-                       dropout, apply_dropout, seed, need_grad_hidden);
+                       dropout, apply_dropout, seed, need_grad_hidden, act, may_subtract);
 }
 
 // ------------------------------------------------------------------------------------------------

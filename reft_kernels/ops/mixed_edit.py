@@ -55,6 +55,7 @@ mixed_edit), built by reft_kernels/extension.py with the single-adapter ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -1006,11 +1007,11 @@ if _backend.HAS_TRITON:
             mat = rr[:, None] * d + cols[None, :]
             full = (rr < R)[:, None] & c_ok[None, :]
             if start < lo:
-                piece = PART + (c.to(tl.int64) * 2) * M
+                piece = PART + (c.to(tl.int64) * 2) * M.to(tl.int64)
                 _store_grads(piece, piece + Rd, piece + 2 * Rd, piece + 2 * Rd + R, mat, full, rr, R, first_cblk,
                              acc_l, acc_w, acc_b, acc_pb, HAS_WEIGHT, HAS_PROJ_BIAS)
             elif end > lo + chunk:
-                piece = PART + (c.to(tl.int64) * 2 + 1) * M
+                piece = PART + (c.to(tl.int64) * 2 + 1) * M.to(tl.int64)
                 _store_grads(piece, piece + Rd, piece + 2 * Rd, piece + 2 * Rd + R, mat, full, rr, R, first_cblk,
                              acc_l, acc_w, acc_b, acc_pb, HAS_WEIGHT, HAS_PROJ_BIAS)
             else:
@@ -1062,8 +1063,9 @@ if _backend.HAS_TRITON:
             acc_b = tl.zeros((R_PAD,), tl.float32)
             acc_pb = tl.zeros((R_PAD,), tl.float32)
             if end > start:
+                M64 = M.to(tl.int64)
                 for c in range(c0, c1 + 1):
-                    piece = PART + (c.to(tl.int64) * 2 + (c == c0).to(tl.int64)) * M
+                    piece = PART + (c * 2 + tl.where(c == c0, 1, 0)) * M64
                     acc_l += tl.load(piece + mat, mask=full, other=0.0)
                     if HAS_WEIGHT:
                         acc_w += tl.load(piece + Rd + mat, mask=full, other=0.0)
@@ -1076,8 +1078,51 @@ if _backend.HAS_TRITON:
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers
+# Launch configuration and launchers
 # ------------------------------------------------------------------------------------------------
+
+# The row-resident kernels keep whole rows in registers beside each row's adapter state: up to d = 8192 they
+# compile for sm_90 without register spills; at 16384 they spill with any warp count tried (8, 16, 32), so
+# the tile kernels take over there (the single-adapter op's limit is 16384).
+ROWS_MAX_D = 8192
+
+
+@dataclass(frozen=True)
+class LaunchConfig(_fe.LaunchConfig):
+    """fused_edit.LaunchConfig, plus the backward step 1's own tiles (0: step 2's, bwd_block_d / bwd_warps)."""
+
+    step1_block_d: int = 0
+    step1_warps: int = 0
+
+
+@functools.lru_cache(maxsize=4096)
+def gpu_launch_config(d: int, r: int, P: int) -> LaunchConfig:
+    """Blocks for a GPU: the single-adapter op's (fused_edit.gpu_launch_config), with the tiles shrunk to what
+    compiles for sm_90 without register spills (ptxas -v, tests/compile_sm90.py; the mixed kernels carry each
+    row's adapter, rank and type, and the tiles the single-adapter op takes spill here: its forward tiles
+    64 x 128 by 160-2832 bytes, its backward step 2 at 16 x 256 by 3-8 KB). Swept at d = 4096, fp32 and bf16,
+    the generic variant (types and activation per adapter, dropout): forward tiles 32 x 64 (16 x 64 from
+    r_pad = 64), 8 warps; backward step 1 (tiles) 16 x 256 (16 x 64 from r_pad = 64), 4 warps; step 2 column
+    blocks of 64 / 32 / 16 for r_pad 16 / 32 / 64, 8 warps. Not timed: the GPU figures are owed
+    (bench/bench_adapters.py produces them on a GPU)."""
+    base = _fe.gpu_launch_config(d, r, P)
+    rp = r_pad(r)
+    dp = _next_pow2(d)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    fields.update(
+        rows=base.rows and dp <= ROWS_MAX_D, rows_warps=8 if dp >= 1024 else 4,
+        fwd_block_n=32 if rp <= 32 else 16, fwd_block_d=max(16, min(64, dp)), fwd_warps=8, fwd_stages=3,
+        bwd_block_n=16, bwd_block_d=max(16, min(64 * 16 // rp, dp)), bwd_warps=8, bwd_stages=3,
+        step1_block_d=max(16, min(256 if rp <= 32 else 64, dp)), step1_warps=4)
+    return LaunchConfig(**fields)
+
+
+def launch_config(hidden: torch.Tensor, r: int, P: int) -> _fe.LaunchConfig:
+    """Default blocks for hidden's device (the CPU interpreter's are the single-adapter op's)."""
+    if hidden.is_cuda:
+        return gpu_launch_config(hidden.shape[-1], r, P)
+    return _fe._cpu_launch_config(hidden.shape[-1], r, P)
+
 
 
 @dataclass(frozen=True)
@@ -1147,7 +1192,7 @@ def mixed_fwd_triton(hidden, positions, adapter_ids, lift, weight, bias, proj_bi
     mode = _own_mode(g, rows_unique)
     owner = _claim(g, positions, adapter_ids, ranks, A) if mode == 2 else kinds
     L, W, b, pb = _bank_args(lift, weight, bias, proj_bias)
-    cfg = config or _fe.launch_config(hidden, R, g.P)
+    cfg = config or launch_config(hidden, R, g.P)
     flags = dict(MAY_SP=may_subtract, ACT=act, HAS_WEIGHT=weight is not None, HAS_PROJ_BIAS=proj_bias is not None,
                  DROPOUT=apply_dropout, SAVE_ROWS=save >= 2, SAVE_STATS=save >= 1, OWN_MODE=mode,
                  PER_SLOT_IDS=g.per_slot_ids, R_PAD=rp, BLOCK_P=cfg.block_p)
@@ -1189,7 +1234,7 @@ def mixed_bwd_triton(grad_out, positions, adapter_ids, rows, output, stats, lift
             if t is not None:
                 t.zero_()
         return grad_hidden, gl, gw, gb, gpb
-    cfg = config or _fe.launch_config(grad_out, R, g.P)
+    cfg = config or launch_config(grad_out, R, g.P)
     mode = 2 if g.flat else 0
     owner = _claim(g, positions, adapter_ids, ranks, A) if mode == 2 else kinds
     L = lift.contiguous()
@@ -1211,8 +1256,9 @@ def mixed_bwd_triton(grad_out, positions, adapter_ids, rows, output, stats, lift
                                                     num_warps=cfg.rows_warps, **flags)
     else:
         _mixed_bwd_project_kernel[(_cdiv(n_items, cfg.bwd_block_n),)](
-            *common, seed, BLOCK_N=cfg.bwd_block_n, BLOCK_D=cfg.bwd_block_d, DOT_PRECISION=_fe._dot_precision(grad_out),
-            num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages, **flags)
+            *common, seed, BLOCK_N=cfg.bwd_block_n, BLOCK_D=getattr(cfg, "step1_block_d", 0) or cfg.bwd_block_d,
+            DOT_PRECISION=_fe._dot_precision(grad_out), num_warps=getattr(cfg, "step1_warps", 0) or cfg.bwd_warps,
+            num_stages=cfg.bwd_stages, **flags)
     # the edited slots by adapter (stable: slot order within an adapter), no host sync
     sorted_keys, order = torch.sort(keys, stable=True)
     offsets = torch.searchsorted(sorted_keys, torch.arange(A + 1, dtype=torch.int32, device=dev), out_int32=True)
