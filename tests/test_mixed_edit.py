@@ -667,3 +667,20 @@ def test_torch_backend_gradcheck_float64():
 
     h = torch.randn(2, 5, d, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(f, (h, *flat_params))
+
+
+def test_activation_without_a_fused_kernel_runs_the_torch_backend():
+    """A bank holding an ACT2FN name the kernels lack: backend=None warns once and runs the torch reference
+    (exact against the per-row reference), an explicit fused backend raises."""
+    gen = torch.Generator().manual_seed(18)
+    d = 24
+    adapters = [make_adapter("loreft", 3, d, gen, act="mish"), make_adapter("direft", 2, d, gen, act="gelu")]
+    hidden = torch.randn(2, 5, d, dtype=torch.float64, generator=gen)
+    pos = torch.tensor([[0, 3], [1, 4]])
+    ids = torch.tensor([[0, 1], [1, 0]])
+    bank = bank_of(leaves(adapters, torch.float32, "cpu"))
+    with pytest.raises(ValueError, match="act='mish' has no fused kernel"):
+        rk.mixed_reft_edit(hidden.float(), pos, ids, bank, backend=FUSED[0])
+    with pytest.warns(UserWarning, match="no fused kernel"):
+        out = rk.mixed_reft_edit(hidden.float(), pos, ids, bank)
+    assert_close(out, mixed_reference(hidden, pos, ids, adapters), torch.float32, "mish via torch")
