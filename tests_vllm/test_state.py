@@ -9,7 +9,7 @@ import reft_kernels as rk
 from reft_kernels.vllm import _vllm
 from reft_kernels.vllm.adapters import load_served_adapter, parse_adapter_list
 from reft_kernels.vllm.mixed_op import AdapterBank, mixed_reft_edit_flat
-from reft_kernels.vllm.state import ServingState, edit_site
+from reft_kernels.vllm.state import ServingState
 
 import tiny
 
@@ -34,6 +34,12 @@ def plan(state, batch):
     index = {rid: i for i, (rid, _, _) in enumerate(batch)}
     state.plan_step(index.get, qsl, np.array([c for _, c, _ in batch]))
     return state.plan
+
+
+def run_site(state, hidden, residual, site):
+    """The op as the model calls it during one of this engine's steps."""
+    with state.active():
+        torch.ops.reft_kernels_vllm.edit_site(hidden, residual, site)
 
 
 def rows_at(state, p, site=(1, "block_output")) -> list[int]:
@@ -129,7 +135,7 @@ def test_edit_of_a_block_site_and_of_a_component(adapters):
     hidden, residual = torch.randn(12, D, generator=g), torch.randn(12, D, generator=g)
     h0, r0 = hidden.clone(), residual.clone()
     site = state.site_index[(1, "block_output")]
-    edit_site(hidden, residual, state.id, site)
+    run_site(state, hidden, residual, site)
     rows = [0, 1, 5, 6]
     lo1 = type(lo)(**{**lo.__dict__, "interventions": [i for i in lo.interventions if i.layer == 1]})
     want = reference_rows(lo1, h0 + r0, rows)
@@ -140,7 +146,7 @@ def test_edit_of_a_block_site_and_of_a_component(adapters):
     # di's mlp_output at layer 0, "last": row 7 + 4 = 11 only; no residual
     mlp = torch.randn(12, D, generator=g)
     m0 = mlp.clone()
-    edit_site(mlp, None, state.id, state.site_index[(0, "mlp_output")])
+    run_site(state, mlp, None, state.site_index[(0, "mlp_output")])
     di0 = type(di)(**{**di.__dict__, "interventions": [i for i in di.interventions if i.layer == 0]})
     assert torch.allclose(mlp.double(), reference_rows(di0, m0, [11]), atol=1e-5)
     assert torch.equal(mlp[:11], m0[:11])
@@ -156,7 +162,7 @@ def test_stacked_interventions_run_in_order(adapters):
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(6, D, generator=g)
     h0 = hidden.clone()
-    edit_site(hidden, None, state.id, state.site_index[(2, "block_output")])
+    run_site(state, hidden, None, state.site_index[(2, "block_output")])
     ref = h0.double().clone()
     for it in stack.interventions:  # each on the already edited rows, through reft_edit in float64
         p = it.params
@@ -201,7 +207,7 @@ def test_end_step_raises_when_a_planned_site_was_not_run(adapters):
     state.admit("a", "lo", 6)
     plan(state, [("a", 0, 6)])
     hidden = torch.randn(6, D)
-    edit_site(hidden, None, state.id, state.site_index[(1, "block_output")])  # layer 2's never runs
+    run_site(state, hidden, None, state.site_index[(1, "block_output")])  # layer 2's never runs
     with pytest.raises(RuntimeError, match=r"planned at \[\(2, 'block_output'\)\].*never ran them"):
         state.end_step()
     assert state.plan is None
@@ -220,3 +226,26 @@ def test_interim_mixed_edit_resolves_duplicates_and_empty_ids():
     want = h0.clone()
     rk.reft_edit(want.unsqueeze(0), torch.tensor([[3]]), bank.lift[1], bank.weight[1], bank.bias[1], backend="torch")
     assert torch.allclose(hidden, want, atol=1e-5)  # row 3 once; -1 and an empty slot edit nothing
+
+
+def test_op_outside_a_step_and_under_torch_compile(adapters):
+    state = state_with({"lo": served(adapters["lo"])})
+    state.admit("a", "lo", 6)
+    plan(state, [("a", 0, 6)])
+    site = state.site_index[(1, "block_output")]
+    hidden, residual = torch.randn(6, D), torch.randn(6, D)
+    h0 = hidden.clone()
+    torch.ops.reft_kernels_vllm.edit_site(hidden, residual, site)  # no step running (vLLM's warm-up runs)
+    assert torch.equal(hidden, h0)
+
+    def block(x, r):
+        h, res = x * 2, r + 1
+        torch.ops.reft_kernels_vllm.edit_site(h, res, site)
+        return h + res
+
+    compiled = torch.compile(block, fullgraph=True)
+    with state.active():
+        want = block(hidden, residual)
+        got = compiled(hidden, residual)
+    assert torch.allclose(got, want) and not torch.allclose(got, hidden * 2 + residual + 1)
+    assert state.calls[site] == 2

@@ -167,14 +167,14 @@ def _layer_class(cls: type) -> type:
                                    "supported on this model")
             hidden = args[h_at] if len(args) > h_at else kwargs["hidden_states"]
             residual = None if r_at is None else (args[r_at] if len(args) > r_at else kwargs.get("residual"))
-            torch.ops.reft_kernels_vllm.edit_site(hidden, residual, site[0], site[1])
+            torch.ops.reft_kernels_vllm.edit_site(hidden, residual, site)
         out = base_forward(self, *args, **kwargs)
         site = self._reft_output
         if site is not None:
             if isinstance(out, tuple):
-                torch.ops.reft_kernels_vllm.edit_site(out[0], out[1] if len(out) > 1 else None, site[0], site[1])
+                torch.ops.reft_kernels_vllm.edit_site(out[0], out[1] if len(out) > 1 else None, site)
             else:
-                torch.ops.reft_kernels_vllm.edit_site(out, None, site[0], site[1])
+                torch.ops.reft_kernels_vllm.edit_site(out, None, site)
         return out
 
     return type(f"Reft{cls.__name__}", (cls,), {"forward": forward, "_reft_input": None, "_reft_output": None})
@@ -190,7 +190,7 @@ def _output_class(cls: type) -> type:
         out = base_forward(self, *args, **kwargs)
         site = self._reft_output
         if site is not None:
-            torch.ops.reft_kernels_vllm.edit_site(out[0] if isinstance(out, tuple) else out, None, site[0], site[1])
+            torch.ops.reft_kernels_vllm.edit_site(out[0] if isinstance(out, tuple) else out, None, site)
         return out
 
     return type(f"Reft{cls.__name__}", (cls,), {"forward": forward, "_reft_output": None})
@@ -209,11 +209,11 @@ def install_sites(model: nn.Module, state: ServingState) -> None:
         if module is block:
             if not hasattr(type(block), "_reft_output"):
                 block.__class__ = _layer_class(type(block))
-            setattr(block, "_reft_input" if which == "input" else "_reft_output", (state.id, site_id))
+            setattr(block, "_reft_input" if which == "input" else "_reft_output", site_id)
         else:
             if not hasattr(type(module), "_reft_output"):
                 module.__class__ = _output_class(type(module))
-            module._reft_output = (state.id, site_id)
+            module._reft_output = site_id
         state.installed.add(site_id)
 
 
@@ -298,7 +298,8 @@ def _execute_model(original):
             return original(self, scheduler_output, *args, **kwargs)
         _admit(state, scheduler_output)
         try:
-            out = original(self, scheduler_output, *args, **kwargs)
+            with state.active():
+                out = original(self, scheduler_output, *args, **kwargs)
         except BaseException:
             state.plan = None
             raise
