@@ -62,8 +62,9 @@ clean:
 # torch==2.13.0+cpu). It drags in CUDA builds of torchvision, torchaudio and torchcodec, which make `import vllm`
 # fail ("operator torchvision::nms does not exist"), and Triton, unused by vLLM on a CPU: all four are removed.
 # reft-kernels goes in without its dependencies (they are there already; its Triton requirement is not wanted).
-# About 2.5 minutes and 2.5 GB on the 2-core machine; the tests about 5 minutes (in-process engines shared by
-# module fixtures; one compiled engine, one server, one tensor-parallel-2 engine).
+# Measured on the shared 2-core machine: setup 3 min 56 s (2.5 GB; pip's cache warm; torch from the local wheel),
+# tests 5 min 16 s (in-process engines shared by module fixtures; one compiled engine ~45-65 s, one server
+# ~45-80 s, one tensor-parallel-2 engine ~60 s to start).
 $(VLLM_VENV)/.ready: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip

@@ -141,25 +141,6 @@ def test_wrong_width_or_depth_refused_at_load(llm, adapters, tmp_path):
         llm.load_reft_adapter("py", adapters["py"]["path"])
 
 
-def test_adapter_outside_the_engine_sites_refused(model_dir, adapters):
-    engine = rkv.LLM(model_dir, reft_adapters={"lo": adapters["lo"]}, enforce_eager=True, **ENGINE)
-    try:
-        assert engine.reft_sites == [(1, "block_output"), (2, "block_output")]
-        with pytest.raises(ValueError, match="not started with"):
-            engine.load_reft_adapter("di", adapters["di"])
-        # an edit the model never ran is an error, never a silently unedited output
-        engine.collective_rpc(_unhook_layer_2)
-        with pytest.raises(Exception, match="never ran them"):
-            run(engine, [(PROMPTS[3], "lo")])
-    finally:
-        shutdown(engine)
-
-
-def _unhook_layer_2(worker):
-    model = worker.model_runner.get_model()
-    model.model.layers[2]._reft_output = None
-
-
 @pytest.fixture(scope="module")
 def chunked(model_dir, adapters):
     engine = rkv.LLM(model_dir, reft_adapters={name: adapters[name] for name in ("lo", "di", "no")},
@@ -181,6 +162,23 @@ def test_chunked_prefill_equals_one_prefill(chunked, adapters, reference):
     steps = chunked.reft_info()[0]["steps_edited"]
     run(chunked, [(tiny.prompt(30, 60), "lo")])
     assert chunked.reft_info()[0]["steps_edited"] - steps == 2
+
+
+def test_adapter_outside_the_engine_sites_refused_and_skipped_edits_raise(chunked, adapters):
+    """The chunked engine was started with lo, di and no (their sites only): the pyreft adapter, which also
+    edits layer 0's block output, is refused. Then an engine step whose model skips a planned site raises
+    (this leaves the engine broken: the module's last use of it)."""
+    assert (0, "block_output") not in chunked.reft_sites
+    with pytest.raises(ValueError, match="not started with"):
+        chunked.load_reft_adapter("py", adapters["py"])
+    chunked.collective_rpc(_unhook_layer_2)
+    with pytest.raises(Exception, match="never ran them"):
+        run(chunked, [(PROMPTS[3], "lo")])
+
+
+def _unhook_layer_2(worker):
+    model = worker.model_runner.get_model()
+    model.model.layers[2]._reft_output = None
 
 
 def test_plain_vllm_refuses_reft_requests(model_dir):

@@ -281,3 +281,26 @@ def test_one_mixed_call_per_site_and_pass_whatever_the_mix(adapters, monkeypatch
         for site_id in range(len(state.sites)):
             torch.ops.reft_kernels_vllm.edit_site(torch.randn(4, D), None, site_id)
     assert calls == [] and state.plan is None
+
+
+def test_other_vllm_versions_warn_and_missing_internals_raise(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    with pytest.warns(UserWarning, match="tested with vLLM 0.32.0; this is vLLM 0.99.0"):
+        _vllm._check_version()
+
+    class Runner:
+        def load_model(self):
+            pass
+
+    with pytest.raises(RuntimeError, match=r"has no \['_prepare_inputs'\].*tested with vLLM 0.32.0"):
+        _vllm._need(Runner, "load_model", "_prepare_inputs")
+    # a runner whose batch lacks an array the plan needs: the step raises instead of running unedited
+    wrapped = _vllm._prepare_inputs_v1(lambda self, so: None)
+    runner = Runner()
+    runner._reft_state = ServingState([(0, "block_output")], D, L, "cpu")
+    runner.input_batch = type("Batch", (), {"req_id_to_index": {}, "num_reqs": 0})()
+    runner.query_start_loc = type("Buffer", (), {"np": np.zeros(1, dtype=np.int32)})()
+    with pytest.raises(RuntimeError, match="V1 model runner lacks num_computed_tokens_cpu"):
+        wrapped(runner, None)

@@ -29,8 +29,16 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from ._vllm import ENV_ADAPTERS, ENV_SITES, TESTED_VLLM_VERSIONS
 from .adapters import ServedAdapter, load_served_adapter
-from .llm import LLM
 from .state import ADAPTER_KEY
+
+
+def __getattr__(name):
+    # LLM on first use: vLLM's engine processes import this package through the plugin and never need it
+    if name == "LLM":
+        from .llm import LLM
+
+        return LLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["ADAPTER_KEY", "ENV_ADAPTERS", "ENV_SITES", "LLM", "ServedAdapter", "TESTED_VLLM_VERSIONS",
            "load_served_adapter"]

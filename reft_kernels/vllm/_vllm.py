@@ -296,7 +296,10 @@ def _execute_model(original):
         state = getattr(self, "_reft_state", None)
         if state is None or kwargs.get("dummy_run"):
             return original(self, scheduler_output, *args, **kwargs)
-        _admit(state, scheduler_output)
+        try:
+            _admit(state, scheduler_output)
+        except AttributeError as e:
+            raise _missing("SchedulerOutput", e) from e
         try:
             with state.active():
                 out = original(self, scheduler_output, *args, **kwargs)
@@ -309,16 +312,23 @@ def _execute_model(original):
     return execute_model
 
 
+def _missing(what: str, error: AttributeError) -> RuntimeError:
+    return RuntimeError(f"reft_kernels.vllm: vLLM's {what} lacks {error.name or error} (tested with vLLM "
+                        f"{', '.join(TESTED_VLLM_VERSIONS)}); no step runs without its edits")
+
+
 def _prepare_inputs_v1(original):
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         out = original(self, scheduler_output, *args, **kwargs)
         state = getattr(self, "_reft_state", None)
         if state is not None:
-            batch = self.input_batch
-            index = batch.req_id_to_index
-            n = batch.num_reqs
-            state.plan_step(lambda rid: i if (i := index.get(rid)) is not None and i < n else None,
-                            self.query_start_loc.np, batch.num_computed_tokens_cpu)
+            try:
+                batch = self.input_batch
+                index, n = batch.req_id_to_index, batch.num_reqs
+                qsl, computed = self.query_start_loc.np, batch.num_computed_tokens_cpu
+            except AttributeError as e:
+                raise _missing("V1 model runner", e) from e
+            state.plan_step(lambda rid: i if (i := index.get(rid)) is not None and i < n else None, qsl, computed)
         return out
 
     return _prepare_inputs
@@ -329,8 +339,12 @@ def _prepare_inputs_v2(original):  # UNTESTED: Model Runner V2 needs Triton (a G
         batch = original(self, scheduler_output, *args, **kwargs)
         state = getattr(self, "_reft_state", None)
         if state is not None:
-            index = {rid: k for k, rid in enumerate(batch.req_ids)}
-            state.plan_step(index.get, batch.query_start_loc_np, batch.num_computed_tokens_np)
+            try:
+                index = {rid: k for k, rid in enumerate(batch.req_ids)}
+                qsl, computed = batch.query_start_loc_np, batch.num_computed_tokens_np
+            except AttributeError as e:
+                raise _missing("Model Runner V2's InputBatch", e) from e
+            state.plan_step(index.get, qsl, computed)
         return batch
 
     return prepare_inputs
