@@ -205,7 +205,7 @@ def worker(a) -> None:
 # -- the suite ----------------------------------------------------------------------------------------------
 
 COLUMNS = ["shape", "batch", "prompt", "new_tokens", "provider", "throughput_tok_s", "throughput_vs_plain_pct",
-           "ttft_ms", "ttft_vs_plain_pct", "per_token_ms", "per_token_vs_plain_pct", "tn_spread_pct",
+           "ttft_ms", "ttft_vs_plain_pct", "per_token_ms", "per_token_vs_plain_pct", "ttft_spread_pct", "tn_spread_pct",
            "plan_us", "edit_us", "idle_us", "repeats"]
 
 
@@ -261,8 +261,9 @@ def main(argv=None):
         per_tok = med([(n - o) / (a.new - 1) for o, n in zip(s["t1"], s["tn"])])
         return {"shape": shape, "batch": a.batch, "prompt": a.prompt, "new_tokens": a.new, "provider": name,
                 "throughput_tok_s": a.batch * a.new / tn, "ttft_ms": 1e3 * t1, "per_token_ms": 1e3 * per_tok,
-                "tn_spread_pct": H.spread_pct(s["tn"]), "plan_us": med(s["plan_us"]), "edit_us": med(s["edit_us"]),
-                "idle_us": med(s["idle_us"]), "repeats": len(s["tn"])}
+                "ttft_spread_pct": H.spread_pct(s["t1"]), "tn_spread_pct": H.spread_pct(s["tn"]),
+                "plan_us": med(s["plan_us"]), "edit_us": med(s["edit_us"]), "idle_us": med(s["idle_us"]),
+                "repeats": len(s["tn"]), "t1_ms": [1e3 * x for x in s["t1"]], "tn_ms": [1e3 * x for x in s["tn"]]}
 
     rows = [row("plain", plain)]
     for case, s in results["cases"].items():
@@ -276,8 +277,9 @@ def main(argv=None):
     env["engine_start_s"] = {k: round(v, 1) for k, v in results["start_s"].items()}
     notes = __doc__.split("\n", 1)[1]
     notes += (f"\nMedians over {a.rounds} repeats after one warm-up. *_vs_plain_pct: against plain in percent (the "
-              "GPU goal with 64 adapters: throughput at least -3, ttft at most +5). tn_spread_pct: interquartile "
-              "range over the median of t(N); differences below it are noise. Both engines live in one process "
+              "GPU goal with 64 adapters: throughput at least -3, ttft at most +5). ttft_spread_pct, tn_spread_pct: "
+              "interquartile range over the median of t(1), t(N); differences below them are noise (every "
+              "repeat's t(1) and t(N) are in the JSON). Both engines live in one process "
               "and every repeat runs every provider, in an order rotated each repeat.\n")
     if not cuda:
         notes += ("CPU run: every figure is a host-path figure (Python, the C++ CPU edit kernels, vLLM's CPU "
