@@ -333,9 +333,10 @@ class ServingState:
 
 # -- the registered op: what a compiled model graph calls at each site ---------------------------------------
 # Registered with torch.library.Library (schema + one CompositeExplicitAutograd kernel) rather than
-# torch.library.custom_op: a decode step calls it once per site and it returns at once, and the dispatcher
-# reaches this kernel in 5.2 us against 52 us for a custom_op (an empty op, measured on this 2-core CPU
-# under load; /tmp bench in the report). Both are opaque to torch.compile with a fake kernel.
+# torch.library.custom_op: a decode step calls it once per site and it returns at once, so its call cost is
+# the whole of ReFT's decode-time cost. An empty op took 5.2 us a call this way against 52 us as a custom_op
+# (a one-off timing on the loaded 2-core CPU); the serve suite's idle_us (8 site ops of a decode step:
+# 25-28 us in all) is the measured figure. Both ways are opaque to torch.compile with a fake kernel.
 
 _LIB = torch.library.Library("reft_kernels_vllm", "DEF")
 _LIB.define("edit_site(Tensor(a!) hidden, Tensor(b!)? residual, int site) -> ()")
