@@ -6,8 +6,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-# Triton 3.6 is what the GPU machines run; CI tests the same version under its interpreter.
+# Triton 3.6 is what the GPU machines run; CI tests the same version under its interpreter. Its interpreter
+# fails on runtime loop bounds with numpy >= 2.4 (fixed in Triton 3.7), hence the numpy pin beside it.
 TRITON ?= triton==3.6.0
+TRITON_NUMPY ?= numpy<2.4
+# The newest Triton release, in a second, lighter environment (no transformers 4.45, no pyreft): the Triton
+# interpreter tests and the sm_90 compile (pyproject declares the range tested).
+NEW_TRITON_VENV ?= .venv-triton-new
+NEW_TRITON_PY := $(NEW_TRITON_VENV)/bin/python
+NEW_TRITON ?= triton==3.9.0
+# What runs there: the tests that exercise Triton kernels (the ids of backend-parametrized tests name it)
+NEW_TRITON_TESTS ?= tests/test_fused_edit.py tests/test_orthonormal.py tests/test_dropout.py \
+	tests/test_op_validation.py tests/test_fuzz.py tests/test_compile_sm90.py
 # The Hugging Face integration is also tested against transformers 4.45.1 (layers return tuples there;
 # 5.x returns tensors) in a second environment, which also holds the real pyreft 0.1.0 / pyvene 0.1.8
 # (pyreft pins transformers 4.45.1) for the interop tests in tests_pyreft/.
@@ -15,13 +25,14 @@ COMPAT_VENV ?= .venv-hf445
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_TRANSFORMERS ?= transformers==4.45.1
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench clean fuzz sanitize
 
 $(VENV)/.ready: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON)"
+	$(PY) -m pip install -q "$(TRITON_NUMPY)"
 	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $@
 
@@ -30,6 +41,7 @@ $(COMPAT_VENV)/.ready: pyproject.toml setup.py Makefile
 	$(COMPAT_PY) -m pip install -q --upgrade pip
 	$(COMPAT_PY) -m pip install -q "$(TORCH)"
 	$(COMPAT_PY) -c "import triton" 2>/dev/null || $(COMPAT_PY) -m pip install -q "$(TRITON)"
+	$(COMPAT_PY) -m pip install -q "$(TRITON_NUMPY)"
 	$(COMPAT_PY) -m pip install -q "$(COMPAT_TRANSFORMERS)" -e ".[test]"
 	# the real pyreft for tests_pyreft/, without its notebook-and-plotting requirements (pyvene imports
 	# matplotlib; pyreft's `datasets` import is stubbed in tests_pyreft/conftest.py)
@@ -37,17 +49,35 @@ $(COMPAT_VENV)/.ready: pyproject.toml setup.py Makefile
 	$(COMPAT_PY) -m pip install -q matplotlib
 	touch $@
 
-setup: $(VENV)/.ready $(COMPAT_VENV)/.ready
+$(NEW_TRITON_VENV)/.ready: pyproject.toml setup.py Makefile
+	$(PYTHON) -m venv $(NEW_TRITON_VENV)
+	$(NEW_TRITON_PY) -m pip install -q --upgrade pip
+	$(NEW_TRITON_PY) -m pip install -q "$(TORCH)" "$(NEW_TRITON)"
+	$(NEW_TRITON_PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.ready $(COMPAT_VENV)/.ready $(NEW_TRITON_VENV)/.ready
 
 # Everything under the newest transformers, then the Hugging Face integration tests under 4.45.1 and the
-# tests against the real pyreft.
-test: $(VENV)/.ready $(COMPAT_VENV)/.ready
+# tests against the real pyreft, then the Triton kernels under the newest Triton.
+test: $(VENV)/.ready $(COMPAT_VENV)/.ready $(NEW_TRITON_VENV)/.ready
 	$(PY) -m pytest
 	$(COMPAT_PY) -m pytest -q tests/test_hf_*.py
 	$(COMPAT_PY) -m pytest -q tests_pyreft
+	$(NEW_TRITON_PY) -m pytest -q -k "triton or kernels_compile_for_sm90" $(NEW_TRITON_TESTS)
+
+# The long property-based run (tests/test_fuzz.py's "long" profile: random examples, many more of them).
+# FUZZ_SEED=<n> replays one run (the seed is printed at the start).
+fuzz: $(VENV)/.ready
+	REFT_FUZZ_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py $(if $(FUZZ_SEED),--hypothesis-seed=$(FUZZ_SEED))
+
+# The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer: a separate build (its own extension
+# name and cache), the C++ tests and a fuzz batch through it (scripts/sanitize.sh says how it loads).
+sanitize: $(VENV)/.ready
+	bash scripts/sanitize.sh $(PY)
 
 bench: $(VENV)/.ready
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(NEW_TRITON_VENV) build *.egg-info .pytest_cache

@@ -580,10 +580,13 @@ if _backend.HAS_TRITON:
         if SOURCE_LINEAR:
             tl.store(part + r * d + mat, acc_w, mask=pm)
             n_mats = 2
-        first_cblk = cblk == 0  # the bias sums do not depend on the column block: one program stores them
-        tl.store(part + n_mats * r * d + rr, acc_b, mask=r_ok & first_cblk)
-        if HAS_PROJ_BIAS:
-            tl.store(part + n_mats * r * d + r + rr, acc_pb, mask=r_ok & first_cblk)
+        # The bias sums do not depend on the column block: one program stores them. A branch on the scalar,
+        # not a mask `r_ok & (cblk == 0)`: Triton 3.9's interpreter types a scalar comparison as its int32
+        # operands, so that mask reaches tl.store as int32 and is refused ("mask has unsupported dtype").
+        if cblk == 0:
+            tl.store(part + n_mats * r * d + rr, acc_b, mask=r_ok)
+            if HAS_PROJ_BIAS:
+                tl.store(part + n_mats * r * d + r + rr, acc_pb, mask=r_ok)
 
     @triton.jit
     def _sum_partials_kernel(
@@ -756,7 +759,8 @@ def edit_fwd_triton(
         return saved, stats
     cfg = config or launch_config(hidden, r, P)
     w = weight if weight is not None else lift  # placeholder pointers for what a variant does not use
-    pb = proj_bias if proj_bias is not None else bias
+    bias = bias.contiguous()  # the kernels index the [r] vectors with unit stride
+    pb = proj_bias.contiguous() if proj_bias is not None else bias
     saved_ptr = saved if saved is not None else hidden
     stats_ptr = stats if stats is not None else bias
     flags = dict(
@@ -818,6 +822,7 @@ def edit_bwd_triton(
     n_mats, n_vecs = _grad_layout(spec, has_proj_bias)
     M = n_mats * r * d + n_vecs * r
     dev = grad_out.device
+    stats = stats.contiguous()  # [N, 2, R_PAD], indexed by slot
     grad_hidden = torch.empty((B, T, d), dtype=grad_out.dtype, device=dev) if need_grad_hidden else None
     if N == 0 or B * T == 0:
         if need_grad_hidden:
@@ -868,7 +873,7 @@ def edit_bwd_triton(
         )
     recompute = rows is None
     u = output if recompute else rows
-    u_strides = output.stride() if recompute else (d, 0, 1)
+    u_strides = output.stride() if recompute else (rows.stride(0), 0, rows.stride(1))
     w = weight if weight is not None else lift
     dx = grad_hidden if need_grad_hidden else grad_out  # placeholder pointer when not written
     _edit_bwd_main_kernel[(n_groups, n_cblk)](
@@ -918,7 +923,11 @@ def edit_fwd_op(
     seed: int,
     save: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: edits hidden in place; returns (saved rows, per-slot stats) for the backward."""
+    """Fused forward: edits hidden in place; returns (saved rows, per-slot stats) for the backward. Validates
+    its arguments (validation.py); a parameter that shares memory with hidden is read from a copy."""
+    _check_fwd_op(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, save,
+                  real=True)
+    positions, lift, weight, bias, proj_bias = _v.own_copies(hidden, positions, lift, weight, bias, proj_bias)
     spec = _spec(source_linear, subtract_proj, act)
     saved, stats = edit_fwd_triton(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, save)
     # a custom op returns fresh tensors: 0-element ones stand for what was not computed
@@ -926,8 +935,20 @@ def edit_fwd_op(
             stats if stats is not None else hidden.new_empty((0,), dtype=torch.float32))
 
 
+def _check_fwd_op(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, save,
+                  real):
+    _v.check_op_rows(hidden, "hidden", positions, real)
+    r = _v.check_op_params(hidden, lift, weight, source_linear, subtract_proj, proj_bias is not None, act, dropout)
+    _v.check_op_vector(bias, "bias", hidden, r)
+    if proj_bias is not None:
+        _v.check_op_vector(proj_bias, "proj_bias", hidden, r)
+    _v.check_save(save)
+
+
 @edit_fwd_op.register_fake
 def _(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, seed, save):
+    _check_fwd_op(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, save,
+                  real=False)
     N = hidden.shape[0] * positions.shape[1]
     saved = hidden.new_empty((N, hidden.shape[-1]) if save >= 2 else (0,))
     stats = hidden.new_empty((N, 2, r_pad(lift.shape[0])) if save >= 1 else (0,), dtype=torch.float32)
@@ -951,7 +972,10 @@ def edit_bwd_op(
     seed: int,
     need_grad_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused backward: (hidden gradient or empty, flat fp32 parameter gradients)."""
+    """Fused backward: (hidden gradient or empty, flat fp32 parameter gradients). Validates its arguments,
+    the saved tensors included (their shapes index memory by slot)."""
+    _check_bwd_op(grad_out, positions, rows, output, stats, lift, weight, source_linear, subtract_proj, has_proj_bias,
+                  act, dropout)
     spec = _spec(source_linear, subtract_proj, act)
     grad_hidden, grads = edit_bwd_triton(
         grad_out, positions, rows, output, stats, lift, weight, spec, has_proj_bias, dropout, seed, need_grad_hidden
@@ -959,9 +983,18 @@ def edit_bwd_op(
     return grad_hidden if grad_hidden is not None else grad_out.new_empty((0,)), grads
 
 
+def _check_bwd_op(grad_out, positions, rows, output, stats, lift, weight, source_linear, subtract_proj, has_proj_bias,
+                  act, dropout):
+    B, _, _, P = _v.check_op_rows(grad_out, "grad_out", positions, False)
+    r = _v.check_op_params(grad_out, lift, weight, source_linear, subtract_proj, has_proj_bias, act, dropout)
+    _v.check_op_saved(rows, output, stats, grad_out, B * P, r_pad(r))
+
+
 @edit_bwd_op.register_fake
 def _(grad_out, positions, rows, output, stats, lift, weight, source_linear, subtract_proj, has_proj_bias, act,
       dropout, seed, need_grad_hidden):
+    _check_bwd_op(grad_out, positions, rows, output, stats, lift, weight, source_linear, subtract_proj, has_proj_bias,
+                  act, dropout)
     r, d = lift.shape
     n_mats, n_vecs = _grad_layout(_spec(source_linear, subtract_proj, act), has_proj_bias)
     grad_hidden = grad_out.new_empty(grad_out.shape if need_grad_hidden else (0,))
@@ -1148,6 +1181,8 @@ def reft_edit(
     dropout = _v.check_dropout(dropout)
     if not training:
         dropout = 0.0
+    if not cpp_eager and not compiling:  # (the C++ op does this itself; compiled graphs: the registered op)
+        positions, lift, weight, bias, proj_bias = _v.own_copies(hidden, positions, lift, weight, bias, proj_bias)
 
     if chosen == "torch":
         return edit_reference(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, training)
