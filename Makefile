@@ -15,9 +15,11 @@ TRITON_NUMPY ?= numpy<2.4
 NEW_TRITON_VENV ?= .venv-triton-new
 NEW_TRITON_PY := $(NEW_TRITON_VENV)/bin/python
 NEW_TRITON ?= triton==3.9.0
-# What runs there: the tests that exercise Triton kernels (the ids of backend-parametrized tests name it)
+# What runs there: the tests of the Triton kernels (the ids of backend-parametrized tests name it), less the
+# two orthonormal training loops (kernels the other tests cover; ~2 min under the interpreter)
 NEW_TRITON_TESTS ?= tests/test_fused_edit.py tests/test_orthonormal.py tests/test_dropout.py \
 	tests/test_op_validation.py tests/test_fuzz.py tests/test_compile_sm90.py
+NEW_TRITON_SELECT ?= (triton and not weight_decay and not reloaded_checkpoint) or kernels_compile_for_sm90
 # The Hugging Face integration is also tested against transformers 4.45.1 (layers return tuples there;
 # 5.x returns tensors) in a second environment, which also holds the real pyreft 0.1.0 / pyvene 0.1.8
 # (pyreft pins transformers 4.45.1) for the interop tests in tests_pyreft/.
@@ -64,12 +66,14 @@ test: $(VENV)/.ready $(COMPAT_VENV)/.ready $(NEW_TRITON_VENV)/.ready
 	$(PY) -m pytest
 	$(COMPAT_PY) -m pytest -q tests/test_hf_*.py
 	$(COMPAT_PY) -m pytest -q tests_pyreft
-	$(NEW_TRITON_PY) -m pytest -q -k "triton or kernels_compile_for_sm90" $(NEW_TRITON_TESTS)
+	$(NEW_TRITON_PY) -m pytest -q -k "$(NEW_TRITON_SELECT)" $(NEW_TRITON_TESTS)
 
-# The long property-based run (tests/test_fuzz.py's "long" profile: random examples, many more of them).
-# FUZZ_SEED=<n> replays one run (the seed is printed at the start).
+# The long property-based run (tests/test_fuzz.py's "long" profile: fresh random examples, many more of
+# them). It prints its seed first; `make fuzz FUZZ_SEED=<n>` replays that run.
+FUZZ_SEED ?= $(shell date +%s)
 fuzz: $(VENV)/.ready
-	REFT_FUZZ_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py $(if $(FUZZ_SEED),--hypothesis-seed=$(FUZZ_SEED))
+	@echo "make fuzz: seed $(FUZZ_SEED) (make fuzz FUZZ_SEED=$(FUZZ_SEED) replays this run)"
+	REFT_FUZZ_PROFILE=long $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-seed=$(FUZZ_SEED)
 
 # The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer: a separate build (its own extension
 # name and cache), the C++ tests and a fuzz batch through it (scripts/sanitize.sh says how it loads).

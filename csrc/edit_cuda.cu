@@ -161,21 +161,21 @@ at::Tensor edit_cuda(const at::Tensor& hidden, const at::Tensor& positions, cons
   const at::Tensor Wf = source_linear ? fp32_on(*weight, hidden) : at::Tensor();
   const at::Tensor pbf = has_pb ? fp32_on(*proj_bias, hidden) : at::Tensor();
   // positions are read while rows are written: a view of hidden is read from a copy (as the parameters)
-  const at::Tensor pos = reft_checks::overlaps(positions, hidden) ? positions.clone() : positions;
+  const at::Tensor pos_t = reft_checks::overlaps(positions, hidden) ? positions.clone() : positions;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t shared = static_cast<size_t>(r) * sizeof(float);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "reft_edit_cuda", [&] {
     const auto launch = [&](auto* pos) {
       edit_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, shared, stream>>>(
           hidden.data_ptr<scalar_t>(), hidden.stride(0), hidden.stride(1), hidden.stride(2), T, d, pos, P,
-          pos.stride(0), pos.stride(1), L.data_ptr<float>(),
+          pos_t.stride(0), pos_t.stride(1), L.data_ptr<float>(),
           source_linear ? Wf.data_ptr<float>() : nullptr, b.data_ptr<float>(),
           pbf.defined() ? pbf.data_ptr<float>() : nullptr, static_cast<int>(r), source_linear, subtract_proj, code);
     };
-    if (pos.scalar_type() == at::kLong) {
-      launch(pos.data_ptr<int64_t>());
+    if (pos_t.scalar_type() == at::kLong) {
+      launch(pos_t.data_ptr<int64_t>());
     } else {
-      launch(pos.data_ptr<int32_t>());
+      launch(pos_t.data_ptr<int32_t>());
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

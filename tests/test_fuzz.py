@@ -12,7 +12,7 @@ gives the same bits, and the C++ kernels draw the Triton kernels' mask.
 
 Profiles (REFT_FUZZ_PROFILE): "ci" (default) is bounded and derandomized (a fixed seed: every CI run draws
 the same examples); "long" (`make fuzz`) draws fresh random examples, many more; `make fuzz FUZZ_SEED=n`
-replays a long run whose seed was printed.
+replays a long run whose seed was printed. REFT_FUZZ_EXAMPLES=<n> sets the number of examples of every test.
 """
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ settings.load_profile(PROFILE)
 
 
 def examples(what: str):
-    return settings(max_examples=(_LONG_EXAMPLES if PROFILE == "long" else _CI_EXAMPLES)[what])
+    """The example budget of one test; REFT_FUZZ_EXAMPLES=<n> sets every test's (scripts/sanitize.sh does)."""
+    n = os.environ.get("REFT_FUZZ_EXAMPLES")
+    return settings(max_examples=int(n) if n else (_LONG_EXAMPLES if PROFILE == "long" else _CI_EXAMPLES)[what])
 
 
 def _cpp_ok() -> bool:

@@ -128,13 +128,14 @@ def check_dropout(dropout) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def _span(x: torch.Tensor) -> tuple[int, int]:
-    """Bytes [first element, last element] of x as addresses (torch strides are non-negative)."""
-    lo = x.data_ptr()
+def _extent(x: torch.Tensor) -> int:
+    """Bytes from x's first element to the end of its last (torch strides are non-negative)."""
+    if x.is_contiguous():
+        return x.numel() * x.element_size()
     last = 0
     for n, s in zip(x.shape, x.stride()):
         last += (n - 1) * s
-    return lo, lo + (last + 1) * x.element_size()
+    return (last + 1) * x.element_size()
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -143,24 +144,24 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     without sharing an element: the callers then only copy a parameter that did not need it."""
     if a.numel() == 0 or b.numel() == 0:
         return False
-    a0, a1 = _span(a)
-    b0, b1 = _span(b)
-    return a0 < b1 and b0 < a1
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + _extent(b) and b0 < a0 + _extent(a)
 
 
 def own_copies(hidden: torch.Tensor, *params: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
     """The parameters, each replaced by a clone where it shares memory with hidden (README, Semantics): the
     edit writes hidden's rows in place and must read its parameters as they were. The clone is
-    differentiable, so a parameter's gradient flows through it to what it viewed. Costs two address
-    comparisons per parameter when nothing overlaps."""
+    differentiable, so a parameter's gradient flows through it to what it viewed. A parameter that starts
+    past hidden's last byte (the common case) costs one data_ptr() and a comparison."""
     if hidden.numel() == 0:
         return params
-    h0, h1 = _span(hidden)
+    h0 = hidden.data_ptr()
+    h1 = h0 + _extent(hidden)
     out = []
     for p in params:
-        if p is not None and p.numel() > 0:
-            p0, p1 = _span(p)
-            if p0 < h1 and h0 < p1:
+        if p is not None:
+            p0 = p.data_ptr()
+            if p0 < h1 and (p0 >= h0 or p0 + _extent(p) > h0) and p.numel() > 0:
                 p = p.clone()
         out.append(p)
     return tuple(out)
