@@ -20,6 +20,9 @@ Semantics shared by every backend
   (pyreft edits once but multiplies the gradient by the count).
 - Parameters may be fp32 while hidden is 16-bit: everything is computed in fp32 (pyreft runs Wh + b in
   W's dtype), the row is written back in hidden's dtype, gradients come back in each parameter's dtype.
+- A parameter (or positions) that shares memory with hidden is read as it was before the edit: it is copied
+  first (validation.own_copies; the C++ ops do the same), differentiably, so its gradient reaches what it viewed.
+- Every registered op validates its own arguments (validation.py's op checks; csrc/validation.h).
 
 What the Triton backend moves (the byte floor the benchmarks report; N = edited rows, item = d * itemsize)
 - forward: reads and writes the N edited rows, and when a gradient is needed writes a copy of the
