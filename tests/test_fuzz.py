@@ -76,7 +76,8 @@ def edit_cases(draw, backend: str):
         r = draw(st.integers(1, d))
     B, T, P = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 5))
     positions = draw(st.lists(st.lists(st.integers(-1, T - 1), min_size=P, max_size=P), min_size=B, max_size=B))
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if backend != "triton" else [])
+    # (bf16 under the Triton interpreter is not trusted: it mishandles it; on a GPU the kernels take it)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if backend != "triton" or DEVICE == "cuda" else [])
     dtype = draw(st.sampled_from(dtypes))
     return dict(
         source_linear=source_linear, subtract_proj=subtract_proj, has_proj_bias=has_proj_bias, act=act,
