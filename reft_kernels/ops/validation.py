@@ -33,6 +33,23 @@ def _need_float(x: torch.Tensor, name: str, allowed) -> None:
         raise TypeError(f"{name} must have a dtype in {[str(d) for d in allowed]}, got {x.dtype}")
 
 
+def _check_positions_shape(positions, B: int, batch_of: str) -> None:
+    """positions: an int32/int64 tensor [B, P]."""
+    _need_tensor(positions, "positions")
+    if positions.dtype not in INDEX_DTYPES:
+        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+    if positions.dim() != 2 or positions.shape[0] != B:
+        raise ValueError(f"positions must be [B, P] with B={B} ({batch_of}'s batch), got shape {tuple(positions.shape)}")
+
+
+def _check_no_internal_overlap(hidden: torch.Tensor) -> None:
+    if torch._debug_has_internal_overlap(hidden) == 1:
+        raise ValueError(
+            "hidden has overlapping memory (an expanded or stride-0 view); the edit is written in place, "
+            "so pass a tensor whose elements are distinct (e.g. hidden.contiguous())"
+        )
+
+
 def check_hidden_is_tensor(hidden) -> None:
     _need_tensor(hidden, "hidden")
 
@@ -43,11 +60,8 @@ def check_hidden(hidden, backend: str) -> None:
     allowed = KERNEL_DTYPES if backend in FUSED_BACKENDS else KERNEL_DTYPES + (torch.float64,)
     _need_float(hidden, "hidden", allowed)
     # (not traceable: under torch.compile this check runs in eager calls only)
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(hidden) == 1:
-        raise ValueError(
-            "hidden has overlapping memory (an expanded or stride-0 view); the edit is written in place, "
-            "so pass a tensor whose elements are distinct (e.g. hidden.contiguous())"
-        )
+    if not torch.compiler.is_compiling():
+        _check_no_internal_overlap(hidden)
     if hidden.is_leaf and hidden.requires_grad:
         raise ValueError(
             "hidden is a leaf tensor that requires grad; the edit is written in place, which autograd "
@@ -74,12 +88,8 @@ def values_checked(positions: torch.Tensor, check_values: Optional[bool]) -> boo
 
 def check_positions(positions, hidden: torch.Tensor, check_values: Optional[bool]) -> torch.Tensor:
     """Checks positions [B, P] and returns them on hidden's device."""
-    _need_tensor(positions, "positions")
-    if positions.dtype not in INDEX_DTYPES:
-        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
     B, T, _ = hidden.shape
-    if positions.dim() != 2 or positions.shape[0] != B:
-        raise ValueError(f"positions must be [B, P] with B={B} (hidden's batch), got shape {tuple(positions.shape)}")
+    _check_positions_shape(positions, B, "hidden")
     if positions.device != hidden.device and positions.device.type != "cpu":
         raise ValueError(f"positions must be on the CPU or on hidden's device {hidden.device}, got {positions.device}")
     if values_checked(positions, check_values) and positions.numel() > 0:
@@ -201,15 +211,10 @@ def check_op_rows(x, name: str, positions, real: bool) -> tuple[int, int, int, i
         raise ValueError(f"{name} must be [B, T, d], got shape {tuple(x.shape)}")
     _need_kernel_float(x, name)
     check_triton_device(x, name)
-    if real and name == "hidden" and torch._debug_has_internal_overlap(x) == 1:
-        raise ValueError("hidden has overlapping memory (an expanded or stride-0 view); the edit is written in place, "
-                         "so pass a tensor whose elements are distinct (e.g. hidden.contiguous())")
-    _need_tensor(positions, "positions")
-    if positions.dtype not in INDEX_DTYPES:
-        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+    if real and name == "hidden":
+        _check_no_internal_overlap(x)
     B, T, d = x.shape
-    if positions.dim() != 2 or positions.shape[0] != B:
-        raise ValueError(f"positions must be [B, P] with B={B} ({name}'s batch), got shape {tuple(positions.shape)}")
+    _check_positions_shape(positions, B, name)
     _need_on(positions, "positions", x, name)
     return B, T, d, positions.shape[1]
 
