@@ -26,7 +26,7 @@ inline int act_code(const std::string& act) {
   if (act == "tanh") return 5;
   if (act == "sigmoid") return 6;
   if (act == "quick_gelu") return 7;
-  TORCH_CHECK(false, "reft_kernels_cpp: act='", act, "' has no fused kernel; use backend='torch' for it");
+  TORCH_CHECK_VALUE(false, "act='", act, "' has no fused kernel; use backend='torch' for it");
 }
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;

@@ -45,6 +45,7 @@
 
 #include "activations.h"
 #include "edit_cpu_kernels.h"
+#include "validation.h"
 
 #include <algorithm>
 #include <cmath>
@@ -94,23 +95,26 @@ std::vector<int64_t> slot_rows(const at::Tensor& positions, int64_t T, bool chec
   return rows;
 }
 
-void check_common(const at::Tensor& x, const char* x_name, const at::Tensor& positions, const at::Tensor& lift,
-                  const std::optional<at::Tensor>& weight, bool source_linear) {
-  TORCH_CHECK(x.device().is_cpu(), "reft_kernels_cpp: ", x_name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 3, "reft_kernels_cpp: ", x_name, " must be [B, T, d], got shape ", x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "reft_kernels_cpp: ", x_name,
-              " must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == x.size(0), "reft_kernels_cpp: positions must be [B, P] with B = ",
-              x.size(0), ", got shape ", positions.sizes());
-  TORCH_CHECK(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
-              "reft_kernels_cpp: positions must be int32 or int64, got ", positions.scalar_type());
-  TORCH_CHECK(lift.dim() == 2 && lift.size(1) == x.size(2), "reft_kernels_cpp: lift must be [r, d] with d = ", x.size(2),
-              ", got shape ", lift.sizes());
-  if (source_linear) {
-    TORCH_CHECK(weight.has_value() && weight->sizes() == lift.sizes(), "reft_kernels_cpp: weight must be [r, d] = ",
-                lift.sizes(), " when source_linear");
-  }
+// The checks both ops share (validation.h; the Python wrapper's messages): x (hidden or grad_out) a CPU
+// [B, T, d] float tensor, positions [B, P] int32/int64 (their values never index memory: out-of-range slots
+// are empty), lift [r, d] with 1 <= r <= d, weight [r, d] exactly when source_linear, everything on x's
+// device. Returns r.
+int64_t check_common(const at::Tensor& x, const char* x_name, const at::Tensor& positions, const at::Tensor& lift,
+                     const std::optional<at::Tensor>& weight, bool source_linear, double dropout) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "reft_kernels_cpp: ", x_name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 3, x_name, " must be [B, T, d], got shape ", x.sizes());
+  TORCH_CHECK_TYPE(reft_checks::kernel_float(x.scalar_type()), x_name,
+                   " must have a dtype in [float32, float16, bfloat16], got ", x.scalar_type());
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(0) == x.size(0), "positions must be [B, P] with B=",
+                    x.size(0), " (", x_name, "'s batch), got shape ", positions.sizes());
+  TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
+                   "positions must be int32 or int64, got ", positions.scalar_type());
+  TORCH_CHECK_VALUE(positions.device().is_cpu(), "positions must be on the CPU or on hidden's device cpu, got ",
+                    positions.device());
+  const int64_t r = reft_checks::check_lift(lift, x);
+  reft_checks::check_weight(weight, source_linear, lift, x);
+  reft_checks::check_dropout(dropout);
+  return r;
 }
 
 template <typename T>
@@ -158,21 +162,31 @@ std::tuple<at::Tensor, at::Tensor> edit_fwd_impl(
     const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& lift, const std::optional<at::Tensor>& weight,
     const at::Tensor& bias, const std::optional<at::Tensor>& proj_bias, bool source_linear, bool subtract_proj,
     c10::string_view act, double dropout, int64_t seed, int64_t save, bool check_positions) {
-  check_common(hidden, "hidden", positions, lift, weight, source_linear);
-  const int64_t B = hidden.size(0), T = hidden.size(1), d = hidden.size(2), P = positions.size(1), r = lift.size(0);
+  const int64_t r = check_common(hidden, "hidden", positions, lift, weight, source_linear, dropout);
+  reft_checks::check_vector(bias, "bias", r, hidden);
+  const bool has_pb = proj_bias.has_value() && proj_bias->defined();
+  reft_checks::check_proj_bias(has_pb, subtract_proj);
+  if (has_pb) reft_checks::check_vector(*proj_bias, "proj_bias", r, hidden);
+  TORCH_CHECK_VALUE(save >= 0 && save <= 2, "save must be 0 (nothing), 1 (stats) or 2 (stats and rows), got ", save);
+  const int act_id = act_code(std::string(act));
+  reft_checks::check_no_internal_overlap(hidden);
+  const int64_t B = hidden.size(0), T = hidden.size(1), d = hidden.size(2), P = positions.size(1);
   const int64_t N = B * P, rp = r_pad(r);
-  TORCH_CHECK(bias.numel() == r, "reft_kernels_cpp: bias must be [r] with r = ", r, ", got shape ", bias.sizes());
   at::Tensor saved = save >= 2 ? at::empty({N, d}, hidden.options()) : at::empty({0}, hidden.options());
   at::Tensor stats = save >= 1 ? at::empty({N, 2, rp}, hidden.options().dtype(at::kFloat))
                                : at::empty({0}, hidden.options().dtype(at::kFloat));
   if (N == 0 || d == 0) return {saved, stats};
   const std::vector<int64_t> rows = slot_rows(positions, T, check_positions);
-  const at::Tensor L = as_fp32(lift), b = as_fp32(bias);
-  const at::Tensor W = source_linear ? as_fp32(*weight) : at::Tensor();
-  const at::Tensor pb = proj_bias.has_value() ? as_fp32(*proj_bias) : at::Tensor();
+  // A parameter that shares memory with hidden (a view of it) is read from a copy: the rows are edited where
+  // they lie, and the parameter must read as it was before the edit (what the torch reference computes).
+  // Positions are read into row_of_slot above, before any write.
+  using reft_checks::overlaps;
+  const at::Tensor L = as_fp32(lift, overlaps(lift, hidden)), b = as_fp32(bias, overlaps(bias, hidden));
+  const at::Tensor W = source_linear ? as_fp32(*weight, overlaps(*weight, hidden)) : at::Tensor();
+  const at::Tensor pb = has_pb ? as_fp32(*proj_bias, overlaps(*proj_bias, hidden)) : at::Tensor();
   FwdArgs a{N, P, T, d, r, rp, hidden.stride(0), hidden.stride(1), hidden.stride(2), rows.data(),
             L.data_ptr<float>(), source_linear ? W.data_ptr<float>() : nullptr, b.data_ptr<float>(),
-            pb.defined() ? pb.data_ptr<float>() : nullptr, source_linear, subtract_proj, act_code(std::string(act)),
+            has_pb ? pb.data_ptr<float>() : nullptr, source_linear, subtract_proj, act_id,
             static_cast<float>(dropout), static_cast<uint64_t>(seed), save >= 1 ? stats.data_ptr<float>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "reft_edit_fwd_cpu", [&] {
     edit_fwd_rows<scalar_t>(hidden.data_ptr<scalar_t>(), save >= 2 ? saved.data_ptr<scalar_t>() : nullptr, a);
@@ -276,9 +290,17 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
     const std::optional<at::Tensor>& output, const at::Tensor& stats, const at::Tensor& lift,
     const std::optional<at::Tensor>& weight, bool source_linear, bool subtract_proj, bool has_proj_bias,
     c10::string_view act, double dropout, int64_t seed, bool need_grad_hidden) {
-  check_common(grad_out, "grad_out", positions, lift, weight, source_linear);
+  const int64_t r = check_common(grad_out, "grad_out", positions, lift, weight, source_linear, dropout);
+  reft_checks::check_proj_bias(has_proj_bias, subtract_proj);
   const int64_t B = grad_out.size(0), T = grad_out.size(1), d = grad_out.size(2), P = positions.size(1);
-  const int64_t r = lift.size(0), N = B * P, rp = r_pad(r);
+  const int64_t N = B * P, rp = r_pad(r);
+  const int act_id = act_code(std::string(act));
+  // the saved tensors index memory by slot: their shapes must be exactly the forward's
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat && stats.dim() == 3 && stats.size(0) == N &&
+                        stats.size(1) == 2 && stats.size(2) == rp && stats.device() == grad_out.device(),
+                    "stats must be [N, 2, r_pad] = [", N, ", 2, ", rp, "] float32 on ", grad_out.device(),
+                    " (edit_fwd's output with save >= 1), got ", stats.sizes(), " ", stats.scalar_type(), " on ",
+                    stats.device());
   const int64_t n_mats = source_linear ? 2 : 1, M = n_mats * r * d + (has_proj_bias ? 2 : 1) * r;
   at::Tensor grads = at::empty({M}, grad_out.options().dtype(at::kFloat));  // written by edit_bwd_rows
   at::Tensor grad_hidden = need_grad_hidden ? at::empty({B, T, d}, grad_out.options()) : at::empty({0}, grad_out.options());
@@ -288,14 +310,16 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
     return {grad_hidden, grads};
   }
   const bool recompute = !rows.has_value() || !rows->defined();
-  TORCH_CHECK(!recompute || (output.has_value() && output->defined() && output->sizes() == grad_out.sizes() &&
-                             output->scalar_type() == grad_out.scalar_type()),
-              "reft_kernels_cpp: edit_bwd needs the saved rows [N, d] or the op's output [B, T, d]");
-  TORCH_CHECK(recompute || (rows->dim() == 2 && rows->size(0) == N && rows->size(1) == d &&
-                            rows->scalar_type() == grad_out.scalar_type()),
-              "reft_kernels_cpp: rows must be [N, d] = [", N, ", ", d, "] in grad_out's dtype, got ", rows->sizes());
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == N * 2 * rp,
-              "reft_kernels_cpp: stats must be [N, 2, r_pad] = [", N, ", 2, ", rp, "] float32, got ", stats.sizes());
+  TORCH_CHECK_VALUE(!recompute || (output.has_value() && output->defined() && output->sizes() == grad_out.sizes() &&
+                                   output->scalar_type() == grad_out.scalar_type() &&
+                                   output->device() == grad_out.device()),
+                    "edit_bwd needs the saved rows [N, d] or the op's output (recompute) [B, T, d] in grad_out's "
+                    "dtype and device; got output ", output.has_value() && output->defined() ? output->sizes()
+                                                                                               : c10::IntArrayRef{});
+  TORCH_CHECK_VALUE(recompute || (rows->dim() == 2 && rows->size(0) == N && rows->size(1) == d &&
+                                  rows->scalar_type() == grad_out.scalar_type() && rows->device() == grad_out.device()),
+                    "rows must be [N, d] = [", N, ", ", d, "] in grad_out's dtype and device, got ", rows->sizes(), " ",
+                    rows->scalar_type());
   const std::vector<int64_t> row_of_slot = slot_rows(positions, T);
   const at::Tensor L = as_fp32(lift);
   const at::Tensor W = source_linear ? as_fp32(*weight) : at::Tensor();
@@ -304,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
   BwdArgs a{N, P, T, d, r, rp, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             recompute ? u.stride(0) : 0, recompute ? u.stride(1) : 0, recompute ? u.stride(2) : 1,
             L.data_ptr<float>(), source_linear ? W.data_ptr<float>() : nullptr, st.data_ptr<float>(),
-            source_linear, subtract_proj, has_proj_bias, recompute, act_code(std::string(act)),
+            source_linear, subtract_proj, has_proj_bias, recompute, act_id,
             static_cast<float>(dropout), static_cast<uint64_t>(seed)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "reft_edit_bwd_cpu", [&] {
     scalar_t* dx = need_grad_hidden ? grad_hidden.data_ptr<scalar_t>() : nullptr;
@@ -319,9 +343,22 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
 // Meta (shapes only: torch.compile and FakeTensor tracing)
 // ------------------------------------------------------------------------------------------------
 
+// Every tensor on x's device: the one check that needs no concrete shape (these kernels also trace symbolic
+// ones). A call mixing meta tensors with CPU ones is sent here by the dispatcher, and would otherwise
+// return without editing anything.
+void check_meta_devices(const at::Tensor& x, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  for (const auto& [name, t] : ts)
+    if (t != nullptr && t->defined()) reft_checks::check_device(*t, name, x);
+}
+
+const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
 std::tuple<at::Tensor, at::Tensor> edit_fwd_meta(
-    const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& lift, const std::optional<at::Tensor>&,
-    const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, c10::string_view, double, int64_t, int64_t save) {
+    const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& lift, const std::optional<at::Tensor>& weight,
+    const at::Tensor& bias, const std::optional<at::Tensor>& proj_bias, bool, bool, c10::string_view, double, int64_t,
+    int64_t save) {
+  check_meta_devices(hidden, {{"positions", &positions}, {"lift", &lift}, {"weight", ptr(weight)}, {"bias", &bias},
+                              {"proj_bias", ptr(proj_bias)}});
   const auto N = hidden.sym_size(0) * positions.sym_size(1);
   const int64_t rp = r_pad(lift.size(0));
   at::Tensor saved = save >= 2 ? at::empty_symint({N, hidden.sym_size(2)}, hidden.options()) : at::empty({0}, hidden.options());
@@ -331,14 +368,27 @@ std::tuple<at::Tensor, at::Tensor> edit_fwd_meta(
 }
 
 std::tuple<at::Tensor, at::Tensor> edit_bwd_meta(
-    const at::Tensor& grad_out, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor& lift, const std::optional<at::Tensor>&, bool source_linear, bool, bool has_proj_bias,
-    c10::string_view, double, int64_t, bool need_grad_hidden) {
+    const at::Tensor& grad_out, const at::Tensor& positions, const std::optional<at::Tensor>& rows,
+    const std::optional<at::Tensor>& output, const at::Tensor& stats, const at::Tensor& lift,
+    const std::optional<at::Tensor>& weight, bool source_linear, bool, bool has_proj_bias, c10::string_view, double,
+    int64_t, bool need_grad_hidden) {
+  check_meta_devices(grad_out, {{"positions", &positions}, {"rows", ptr(rows)}, {"output", ptr(output)},
+                                {"stats", &stats}, {"lift", &lift}, {"weight", ptr(weight)}});
   const int64_t r = lift.size(0), d = lift.size(1);
   const int64_t M = (source_linear ? 2 : 1) * r * d + (has_proj_bias ? 2 : 1) * r;
   at::Tensor grad_hidden = need_grad_hidden ? at::empty_symint(grad_out.sym_sizes(), grad_out.options())
                                             : at::empty({0}, grad_out.options());
   return {grad_hidden, at::empty({M}, grad_out.options().dtype(at::kFloat))};
+}
+
+// edit's: the edit is in place, hidden is the result
+at::Tensor edit_meta(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& lift,
+                     const std::optional<at::Tensor>& weight, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& proj_bias, bool, bool, c10::string_view, double, int64_t, bool,
+                     bool) {
+  check_meta_devices(hidden, {{"positions", &positions}, {"lift", &lift}, {"weight", ptr(weight)}, {"bias", &bias},
+                              {"proj_bias", ptr(proj_bias)}});
+  return hidden;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -420,8 +470,16 @@ at::Tensor edit_autograd(const at::Tensor& hidden, const at::Tensor& positions, 
   if (needs_grad) {
     TORCH_CHECK(hidden.device().is_cpu(), "reft_kernels_cpp::edit: its autograd formula runs CPU tensors; CUDA calls "
                 "that need gradients take the Triton ops (reft_kernels.reft_edit routes them), got ", hidden.device());
-    return EditFunction::apply(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj,
-                               std::string(act), dropout, seed, recompute, check_positions);
+    reft_checks::check_not_leaf(hidden);
+    // A parameter that shares memory with hidden is cloned before the autograd Function (a differentiable
+    // copy): the edit reads it as it was, and its gradient flows through the clone to what it viewed.
+    const auto own = [&](const at::Tensor& x) { return reft_checks::overlaps(x, hidden) ? x.clone() : x; };
+    const auto own_opt = [&](const std::optional<at::Tensor>& x) {
+      return x.has_value() && x->defined() ? std::optional<at::Tensor>(own(*x)) : x;
+    };
+    return EditFunction::apply(hidden, positions, own(lift), own_opt(weight), own(bias), own_opt(proj_bias),
+                               source_linear, subtract_proj, std::string(act), dropout, seed, recompute,
+                               check_positions);
   }
   {
     // no gradient: the device's own kernel (CPU here, CUDA in edit_cuda.cu when that extension is loaded)
@@ -467,4 +525,5 @@ TORCH_LIBRARY_IMPL(reft_kernels_cpp, CPU, m) {
 TORCH_LIBRARY_IMPL(reft_kernels_cpp, Meta, m) {
   m.impl("edit_fwd", &reft_cpp::edit_fwd_meta);
   m.impl("edit_bwd", &reft_cpp::edit_bwd_meta);
+  m.impl("edit", &reft_cpp::edit_meta);
 }

@@ -276,8 +276,11 @@ struct Scratch {
   float* data() const { return p.get(); }
 };
 
-inline at::Tensor as_fp32(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+// t as a contiguous fp32 tensor: t itself when it already is one, unless `copy` (a parameter that shares memory
+// with the rows being edited must be read as it was before the edit).
+inline at::Tensor as_fp32(const at::Tensor& t, bool copy = false) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return copy ? t.clone() : t;
+  return t.to(at::kFloat).contiguous();
 }
 
 // Row stride of the backward's parameter-gradient sums: d plus one cache line (they are copied into the

@@ -32,6 +32,7 @@
 #include <string>
 
 #include "activations.h"
+#include "validation.h"
 
 namespace reft_cuda {
 namespace {
@@ -111,15 +112,11 @@ __global__ void __launch_bounds__(kThreads) edit_fwd_kernel(
   }
 }
 
-at::Tensor fp32_on(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-void check_param(const at::Tensor& x, const char* name, const at::Tensor& hidden, at::IntArrayRef shape) {
-  TORCH_CHECK(x.device() == hidden.device(), "reft_kernels_cpp::edit: ", name, " must be on hidden's device ",
-              hidden.device(), ", got ", x.device());
-  TORCH_CHECK(x.sizes() == shape, "reft_kernels_cpp::edit: ", name, " must have shape ", shape, ", got ", x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "reft_kernels_cpp::edit: ", name,
-              " must be float32, float16 or bfloat16, got ", dt);
+// t as a contiguous fp32 tensor; a copy when it shares memory with hidden (the rows are edited in place, and a
+// parameter must read as it was before the edit).
+at::Tensor fp32_on(const at::Tensor& t, const at::Tensor& hidden) {
+  at::Tensor f = t.to(at::kFloat).contiguous();
+  return reft_checks::overlaps(f, hidden) ? f.clone() : f;
 }
 
 // The CUDA kernel of reft_kernels_cpp::edit (schema in edit_cpu.cpp): the forward, in place, no gradient.
@@ -131,23 +128,23 @@ at::Tensor edit_cuda(const at::Tensor& hidden, const at::Tensor& positions, cons
   TORCH_CHECK(hidden.is_cuda() && hidden.dim() == 3, "reft_kernels_cpp::edit: hidden must be a CUDA tensor [B, T, d], "
               "got ", hidden.device(), " ", hidden.sizes());
   const auto dt = hidden.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "reft_kernels_cpp::edit: hidden must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK_TYPE(reft_checks::kernel_float(dt), "hidden must have a dtype in [float32, float16, bfloat16], got ", dt);
+  reft_checks::check_no_internal_overlap(hidden);
   TORCH_CHECK(dropout == 0.0, "reft_kernels_cpp::edit: the CUDA kernel runs without dropout (got ", dropout,
               "); reft_kernels.reft_edit sends dropout to the Triton ops");
   const int64_t B = hidden.size(0), T = hidden.size(1), d = hidden.size(2);
-  TORCH_CHECK(positions.device() == hidden.device() && positions.dim() == 2 && positions.size(0) == B,
-              "reft_kernels_cpp::edit: positions must be [B, P] with B = ", B, " on ", hidden.device(), ", got ",
-              positions.sizes(), " on ", positions.device());
-  TORCH_CHECK(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
-              "reft_kernels_cpp::edit: positions must be int32 or int64, got ", positions.scalar_type());
-  TORCH_CHECK(lift.dim() == 2 && lift.size(0) >= 1, "reft_kernels_cpp::edit: lift must be [r, d], got ", lift.sizes());
-  const int64_t r = lift.size(0), P = positions.size(1);
-  check_param(lift, "lift", hidden, {r, d});
-  TORCH_CHECK(!source_linear || weight.has_value(), "reft_kernels_cpp::edit: weight is needed when source_linear");
-  if (source_linear) check_param(*weight, "weight", hidden, {r, d});
-  check_param(bias, "bias", hidden, {r});
-  if (proj_bias.has_value()) check_param(*proj_bias, "proj_bias", hidden, {r});
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(0) == B, "positions must be [B, P] with B=", B,
+                    " (hidden's batch), got shape ", positions.sizes());
+  reft_checks::check_device(positions, "positions", hidden);
+  TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
+                   "positions must be int32 or int64, got ", positions.scalar_type());
+  const int64_t r = reft_checks::check_lift(lift, hidden), P = positions.size(1);
+  reft_checks::check_weight(weight, source_linear, lift, hidden);
+  reft_checks::check_vector(bias, "bias", r, hidden);
+  const bool has_pb = proj_bias.has_value() && proj_bias->defined();
+  reft_checks::check_proj_bias(has_pb, subtract_proj);
+  if (has_pb) reft_checks::check_vector(*proj_bias, "proj_bias", r, hidden);
+  const int code = reft_act::act_code(std::string(act));
   // r floats of dynamic shared memory per block (48 KB without opting in)
   TORCH_CHECK(r <= 8192, "reft_kernels_cpp::edit: the CUDA kernel takes r <= 8192, got r = ", r);
   const c10::cuda::CUDAGuard guard(hidden.device());
@@ -160,24 +157,25 @@ at::Tensor edit_cuda(const at::Tensor& hidden, const at::Tensor& positions, cons
   const int64_t N = B * P;
   if (N == 0 || d == 0) return hidden;
   TORCH_CHECK(N <= INT32_MAX, "reft_kernels_cpp::edit: B * P must be below 2^31, got ", N);
-  const at::Tensor L = fp32_on(lift), b = fp32_on(bias);
-  const at::Tensor Wf = source_linear ? fp32_on(*weight) : at::Tensor();
-  const at::Tensor pbf = proj_bias.has_value() ? fp32_on(*proj_bias) : at::Tensor();
-  const int code = reft_act::act_code(std::string(act));
+  const at::Tensor L = fp32_on(lift, hidden), b = fp32_on(bias, hidden);
+  const at::Tensor Wf = source_linear ? fp32_on(*weight, hidden) : at::Tensor();
+  const at::Tensor pbf = has_pb ? fp32_on(*proj_bias, hidden) : at::Tensor();
+  // positions are read while rows are written: a view of hidden is read from a copy (as the parameters)
+  const at::Tensor pos_t = reft_checks::overlaps(positions, hidden) ? positions.clone() : positions;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t shared = static_cast<size_t>(r) * sizeof(float);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "reft_edit_cuda", [&] {
     const auto launch = [&](auto* pos) {
       edit_fwd_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, shared, stream>>>(
           hidden.data_ptr<scalar_t>(), hidden.stride(0), hidden.stride(1), hidden.stride(2), T, d, pos, P,
-          positions.stride(0), positions.stride(1), L.data_ptr<float>(),
+          pos_t.stride(0), pos_t.stride(1), L.data_ptr<float>(),
           source_linear ? Wf.data_ptr<float>() : nullptr, b.data_ptr<float>(),
           pbf.defined() ? pbf.data_ptr<float>() : nullptr, static_cast<int>(r), source_linear, subtract_proj, code);
     };
-    if (positions.scalar_type() == at::kLong) {
-      launch(positions.data_ptr<int64_t>());
+    if (pos_t.scalar_type() == at::kLong) {
+      launch(pos_t.data_ptr<int64_t>());
     } else {
-      launch(positions.data_ptr<int32_t>());
+      launch(pos_t.data_ptr<int32_t>());
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

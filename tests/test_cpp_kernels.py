@@ -267,11 +267,11 @@ def test_torch_compile_fullgraph(compiler):
 
 def test_errors_name_the_argument():
     hidden, positions, R, W, b = _op_args(0)
-    with pytest.raises(RuntimeError, match=r"positions must be \[B, P\] with B = 2"):
+    with pytest.raises(ValueError, match=r"positions must be \[B, P\] with B=2"):
         torch.ops.reft_kernels_cpp.edit_fwd(hidden, positions[:1], R, W, b, None, True, True, "identity", 0.0, 0, 0)
-    with pytest.raises(RuntimeError, match=r"lift must be \[r, d\] with d = 40"):
+    with pytest.raises(ValueError, match=r"lift must be \[r, d\] with d = 40"):
         torch.ops.reft_kernels_cpp.edit_fwd(hidden, positions, R[:, :7], W, b, None, True, True, "identity", 0.0, 0, 0)
-    with pytest.raises(RuntimeError, match="act='mish' has no fused kernel"):
+    with pytest.raises(ValueError, match="act='mish' has no fused kernel"):
         torch.ops.reft_kernels_cpp.edit_fwd(hidden, positions, R, W, b, None, True, True, "mish", 0.0, 0, 0)
     with pytest.raises(ValueError, match="backend='cpp' runs CPU tensors"):
         rk.loreft(hidden.to("meta"), positions, R, W, b, backend="cpp")

@@ -83,7 +83,9 @@ def torch_fn(act: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 if triton is not None:
-    # Triton kernels may read globals only when they are constexpr.
+    # Triton kernels may read globals only when they are constexpr. They multiply tensors from the right
+    # (`z * C`, never `C * z`): under Triton 3.9's interpreter `C * z` is a tensor that tl.abs and the other
+    # math functions refuse ("cannot convert ... to tensor").
     _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
     _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
     _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -114,7 +116,7 @@ if triton is not None:
         elif ACT == 2:
             return 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
         elif ACT == 3:
-            return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+            return 0.5 * z * (1.0 + _tanh((z + 0.044715 * z * z * z) * _SQRT_2_OVER_PI))
         elif ACT == 4:
             return z * _sigmoid(z)
         elif ACT == 5:
@@ -134,7 +136,7 @@ if triton is not None:
         elif ACT == 2:
             return 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
         elif ACT == 3:
-            inner = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+            inner = (z + 0.044715 * z * z * z) * _SQRT_2_OVER_PI
             t = _tanh(inner)
             return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
         elif ACT == 4:

@@ -20,6 +20,9 @@ Semantics shared by every backend
   (pyreft edits once but multiplies the gradient by the count).
 - Parameters may be fp32 while hidden is 16-bit: everything is computed in fp32 (pyreft runs Wh + b in
   W's dtype), the row is written back in hidden's dtype, gradients come back in each parameter's dtype.
+- A parameter (or positions) that shares memory with hidden is read as it was before the edit: it is copied
+  first (validation.own_copies; the C++ ops do the same), differentiably, so its gradient reaches what it viewed.
+- Every registered op validates its own arguments (validation.py's op checks; csrc/validation.h).
 
 What the Triton backend moves (the byte floor the benchmarks report; N = edited rows, item = d * itemsize)
 - forward: reads and writes the N edited rows, and when a gradient is needed writes a copy of the
@@ -570,10 +573,13 @@ if _backend.HAS_TRITON:
         if SOURCE_LINEAR:
             tl.store(part + r * d + mat, acc_w, mask=pm)
             n_mats = 2
-        first_cblk = cblk == 0  # the bias sums do not depend on the column block: one program stores them
-        tl.store(part + n_mats * r * d + rr, acc_b, mask=r_ok & first_cblk)
-        if HAS_PROJ_BIAS:
-            tl.store(part + n_mats * r * d + r + rr, acc_pb, mask=r_ok & first_cblk)
+        # The bias sums do not depend on the column block: one program stores them. A branch on the scalar,
+        # not a mask `r_ok & (cblk == 0)`: Triton 3.9's interpreter types a scalar comparison as its int32
+        # operands, so that mask reaches tl.store as int32 and is refused ("mask has unsupported dtype").
+        if cblk == 0:
+            tl.store(part + n_mats * r * d + rr, acc_b, mask=r_ok)
+            if HAS_PROJ_BIAS:
+                tl.store(part + n_mats * r * d + r + rr, acc_pb, mask=r_ok)
 
     @triton.jit
     def _slot_stats(STATS, SCRATCH, n, rows, r_ok, R_PAD: tl.constexpr):
@@ -760,7 +766,8 @@ def edit_fwd_triton(
         return saved, stats
     cfg = config or launch_config(hidden, r, P)
     w = weight if weight is not None else lift  # placeholder pointers for what a variant does not use
-    pb = proj_bias if proj_bias is not None else bias
+    bias = bias.contiguous()  # the kernels index the [r] vectors with unit stride
+    pb = proj_bias.contiguous() if proj_bias is not None else bias
     saved_ptr = saved if saved is not None else hidden
     stats_ptr = stats if stats is not None else bias
     flags = dict(
@@ -822,6 +829,7 @@ def edit_bwd_triton(
     n_mats, n_vecs = _grad_layout(spec, has_proj_bias)
     M = n_mats * r * d + n_vecs * r
     dev = grad_out.device
+    stats = stats.contiguous()  # [N, 2, R_PAD], indexed by slot
     grad_hidden = torch.empty((B, T, d), dtype=grad_out.dtype, device=dev) if need_grad_hidden else None
     if N == 0 or B * T == 0:
         if need_grad_hidden:
@@ -872,7 +880,7 @@ def edit_bwd_triton(
         )
     recompute = rows is None
     u = output if recompute else rows
-    u_strides = output.stride() if recompute else (d, 0, 1)
+    u_strides = output.stride() if recompute else (rows.stride(0), 0, rows.stride(1))
     w = weight if weight is not None else lift
     dx = grad_hidden if need_grad_hidden else grad_out  # placeholder pointer when not written
     _edit_bwd_main_kernel[(n_groups, n_cblk)](
@@ -922,7 +930,11 @@ def edit_fwd_op(
     seed: int,
     save: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: edits hidden in place; returns (saved rows, per-slot stats) for the backward."""
+    """Fused forward: edits hidden in place; returns (saved rows, per-slot stats) for the backward. Validates
+    its arguments (validation.py); a parameter that shares memory with hidden is read from a copy."""
+    _check_fwd_op(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, save,
+                  real=True)
+    positions, lift, weight, bias, proj_bias = _v.own_copies(hidden, positions, lift, weight, bias, proj_bias)
     spec = _spec(source_linear, subtract_proj, act)
     saved, stats = edit_fwd_triton(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, seed, save)
     # a custom op returns fresh tensors: 0-element ones stand for what was not computed
@@ -930,8 +942,20 @@ def edit_fwd_op(
             stats if stats is not None else hidden.new_empty((0,), dtype=torch.float32))
 
 
+def _check_fwd_op(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, save,
+                  real):
+    _v.check_op_rows(hidden, "hidden", positions, real)
+    r = _v.check_op_params(hidden, lift, weight, source_linear, subtract_proj, proj_bias is not None, act, dropout)
+    _v.check_op_vector(bias, "bias", hidden, r)
+    if proj_bias is not None:
+        _v.check_op_vector(proj_bias, "proj_bias", hidden, r)
+    _v.check_save(save)
+
+
 @edit_fwd_op.register_fake
 def _(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, seed, save):
+    _check_fwd_op(hidden, positions, lift, weight, bias, proj_bias, source_linear, subtract_proj, act, dropout, save,
+                  real=False)
     N = hidden.shape[0] * positions.shape[1]
     saved = hidden.new_empty((N, hidden.shape[-1]) if save >= 2 else (0,))
     stats = hidden.new_empty((N, 2, r_pad(lift.shape[0])) if save >= 1 else (0,), dtype=torch.float32)
@@ -955,7 +979,10 @@ def edit_bwd_op(
     seed: int,
     need_grad_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused backward: (hidden gradient or empty, flat fp32 parameter gradients)."""
+    """Fused backward: (hidden gradient or empty, flat fp32 parameter gradients). Validates its arguments,
+    the saved tensors included (their shapes index memory by slot)."""
+    _check_bwd_op(grad_out, positions, rows, output, stats, lift, weight, source_linear, subtract_proj, has_proj_bias,
+                  act, dropout)
     spec = _spec(source_linear, subtract_proj, act)
     grad_hidden, grads = edit_bwd_triton(
         grad_out, positions, rows, output, stats, lift, weight, spec, has_proj_bias, dropout, seed, need_grad_hidden
@@ -963,9 +990,18 @@ def edit_bwd_op(
     return grad_hidden if grad_hidden is not None else grad_out.new_empty((0,)), grads
 
 
+def _check_bwd_op(grad_out, positions, rows, output, stats, lift, weight, source_linear, subtract_proj, has_proj_bias,
+                  act, dropout):
+    B, _, _, P = _v.check_op_rows(grad_out, "grad_out", positions, False)
+    r = _v.check_op_params(grad_out, lift, weight, source_linear, subtract_proj, has_proj_bias, act, dropout)
+    _v.check_op_saved(rows, output, stats, grad_out, B * P, r_pad(r))
+
+
 @edit_bwd_op.register_fake
 def _(grad_out, positions, rows, output, stats, lift, weight, source_linear, subtract_proj, has_proj_bias, act,
       dropout, seed, need_grad_hidden):
+    _check_bwd_op(grad_out, positions, rows, output, stats, lift, weight, source_linear, subtract_proj, has_proj_bias,
+                  act, dropout)
     r, d = lift.shape
     n_mats, n_vecs = _grad_layout(_spec(source_linear, subtract_proj, act), has_proj_bias)
     grad_hidden = grad_out.new_empty(grad_out.shape if need_grad_hidden else (0,))
@@ -1152,6 +1188,8 @@ def reft_edit(
     dropout = _v.check_dropout(dropout)
     if not training:
         dropout = 0.0
+    if not cpp_eager and not compiling:  # (the C++ op does this itself; compiled graphs: the registered op)
+        positions, lift, weight, bias, proj_bias = _v.own_copies(hidden, positions, lift, weight, bias, proj_bias)
 
     if chosen == "torch":
         return edit_reference(hidden, positions, lift, weight, bias, proj_bias, spec, dropout, training)

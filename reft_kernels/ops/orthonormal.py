@@ -185,8 +185,8 @@ if _backend.HAS_TRITON:
         i = tl.arange(0, R_PAD)[:, None]
         j = tl.arange(0, R_PAD)[None, :]
         x32 = x.to(tl.float32)
-        tl.store(CINV + mat.to(tl.int64) * R_PAD * R_PAD + i * R_PAD + j, x32,
-                 mask=(i >= 0) & (j >= 0) & (blk == 0))
+        if blk == 0:  # (a branch, not a mask with `blk == 0`: see _edit_bwd_main_kernel's bias store)
+            tl.store(CINV + mat.to(tl.int64) * R_PAD * R_PAD + i * R_PAD + j, x32)
         for c in range(0, COLS, BLOCK_D):
             offs, m = _column_block(mat, blk, c, r, d, COLS, BLOCK_D, R_PAD)
             a = tl.load(A + offs, mask=m, other=0.0)
@@ -284,14 +284,48 @@ def orthonormalize_bwd_triton(grad_q: torch.Tensor, Q: torch.Tensor, cinv: torch
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_stack_op(A: torch.Tensor, name: str) -> None:
+    """The registered ops' own check of a [L, r, d] fp32 stack (1 <= r <= min(d, MAX_TRITON_RANK)) on a
+    device the Triton kernels run on."""
+    from .validation import check_triton_device
+
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 3:
+        raise ValueError(f"{name} must be [L, r, d], got shape {tuple(A.shape)}")
+    if A.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {A.dtype}")
+    L, r, d = A.shape
+    if not 1 <= r <= min(d, MAX_TRITON_RANK):
+        raise ValueError(f"{name} must have 1 <= r <= min(d, {MAX_TRITON_RANK}) rows, got shape {tuple(A.shape)}")
+    check_triton_device(A, name)
+
+
+def _check_bwd_op(grad_q: torch.Tensor, Q: torch.Tensor, cinv: torch.Tensor) -> None:
+    _check_stack_op(Q, "Q")
+    if not isinstance(grad_q, torch.Tensor) or grad_q.shape != Q.shape or not grad_q.dtype.is_floating_point:
+        raise ValueError(f"grad_q must be a float tensor of Q's shape {tuple(Q.shape)}, got "
+                         f"{tuple(grad_q.shape) if isinstance(grad_q, torch.Tensor) else type(grad_q).__name__}")
+    rp = r_pad(Q.shape[1])
+    if not isinstance(cinv, torch.Tensor) or tuple(cinv.shape) != (Q.shape[0], rp, rp) or cinv.dtype != torch.float32:
+        raise ValueError(f"cinv must be [L, r_pad, r_pad] = [{Q.shape[0]}, {rp}, {rp}] float32 (orthonormalize_fwd's "
+                         f"second output), got {tuple(cinv.shape) if isinstance(cinv, torch.Tensor) else cinv}")
+    for x, name in ((grad_q, "grad_q"), (cinv, "cinv")):
+        if x.device != Q.device:
+            raise ValueError(f"{name} must be on Q's device {Q.device}, got {x.device}")
+
+
 @torch.library.custom_op("reft_kernels::orthonormalize_fwd", mutates_args=())
 def orthonormalize_fwd_op(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched Cholesky-QR of A [L, r, d] fp32: (Q, C^-1 padded to [L, R_PAD, R_PAD])."""
-    return orthonormalize_fwd_triton(A)
+    """Batched Cholesky-QR of A [L, r, d] fp32: (Q, C^-1 padded to [L, R_PAD, R_PAD]). Validates A (the
+    launcher reads it as a contiguous stack: a strided A is copied)."""
+    _check_stack_op(A, "A")
+    return orthonormalize_fwd_triton(A.contiguous())
 
 
 @orthonormalize_fwd_op.register_fake
 def _(A):
+    _check_stack_op(A, "A")
     L, r, _ = A.shape
     rp = r_pad(r)
     return torch.empty_like(A), A.new_empty((L, rp, rp))
@@ -299,12 +333,15 @@ def _(A):
 
 @torch.library.custom_op("reft_kernels::orthonormalize_bwd", mutates_args=())
 def orthonormalize_bwd_op(grad_q: torch.Tensor, Q: torch.Tensor, cinv: torch.Tensor) -> torch.Tensor:
-    """Gradient of the batched Cholesky-QR with respect to A."""
-    return orthonormalize_bwd_triton(grad_q, Q, cinv)
+    """Gradient of the batched Cholesky-QR with respect to A. Validates its arguments (cinv's shape indexes
+    memory per matrix)."""
+    _check_bwd_op(grad_q, Q, cinv)
+    return orthonormalize_bwd_triton(grad_q, Q.contiguous(), cinv.contiguous())
 
 
 @orthonormalize_bwd_op.register_fake
 def _(grad_q, Q, cinv):
+    _check_bwd_op(grad_q, Q, cinv)
     return torch.empty_like(Q)
 
 

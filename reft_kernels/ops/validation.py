@@ -33,6 +33,23 @@ def _need_float(x: torch.Tensor, name: str, allowed) -> None:
         raise TypeError(f"{name} must have a dtype in {[str(d) for d in allowed]}, got {x.dtype}")
 
 
+def _check_positions_shape(positions, B: int, batch_of: str) -> None:
+    """positions: an int32/int64 tensor [B, P]."""
+    _need_tensor(positions, "positions")
+    if positions.dtype not in INDEX_DTYPES:
+        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+    if positions.dim() != 2 or positions.shape[0] != B:
+        raise ValueError(f"positions must be [B, P] with B={B} ({batch_of}'s batch), got shape {tuple(positions.shape)}")
+
+
+def _check_no_internal_overlap(hidden: torch.Tensor) -> None:
+    if torch._debug_has_internal_overlap(hidden) == 1:
+        raise ValueError(
+            "hidden has overlapping memory (an expanded or stride-0 view); the edit is written in place, "
+            "so pass a tensor whose elements are distinct (e.g. hidden.contiguous())"
+        )
+
+
 def check_hidden_is_tensor(hidden) -> None:
     _need_tensor(hidden, "hidden")
 
@@ -43,15 +60,18 @@ def check_hidden(hidden, backend: str) -> None:
     allowed = KERNEL_DTYPES if backend in FUSED_BACKENDS else KERNEL_DTYPES + (torch.float64,)
     _need_float(hidden, "hidden", allowed)
     # (not traceable: under torch.compile this check runs in eager calls only)
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(hidden) == 1:
-        raise ValueError(
-            "hidden has overlapping memory (an expanded or stride-0 view); the edit is written in place, "
-            "so pass a tensor whose elements are distinct (e.g. hidden.contiguous())"
-        )
+    if not torch.compiler.is_compiling():
+        _check_no_internal_overlap(hidden)
     if hidden.is_leaf and hidden.requires_grad:
         raise ValueError(
             "hidden is a leaf tensor that requires grad; the edit is written in place, which autograd "
             "forbids on leaves. Pass a non-leaf (e.g. hidden.clone())"
+        )
+    base = hidden._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise ValueError(
+            "hidden is a view of a leaf tensor that requires grad; the edit is written in place, which autograd "
+            "forbids on views of leaves. Pass a non-leaf (e.g. hidden.clone())"
         )
 
 
@@ -68,12 +88,8 @@ def values_checked(positions: torch.Tensor, check_values: Optional[bool]) -> boo
 
 def check_positions(positions, hidden: torch.Tensor, check_values: Optional[bool]) -> torch.Tensor:
     """Checks positions [B, P] and returns them on hidden's device."""
-    _need_tensor(positions, "positions")
-    if positions.dtype not in INDEX_DTYPES:
-        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
     B, T, _ = hidden.shape
-    if positions.dim() != 2 or positions.shape[0] != B:
-        raise ValueError(f"positions must be [B, P] with B={B} (hidden's batch), got shape {tuple(positions.shape)}")
+    _check_positions_shape(positions, B, "hidden")
     if positions.device != hidden.device and positions.device.type != "cpu":
         raise ValueError(f"positions must be on the CPU or on hidden's device {hidden.device}, got {positions.device}")
     if values_checked(positions, check_values) and positions.numel() > 0:
@@ -204,3 +220,141 @@ def check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, hidden: tor
         if x is not None and x.device != hidden.device:
             raise ValueError(f"the bank's {name} must be on hidden's device {hidden.device}, got {x.device} "
                              "(bank.to(device) moves a bank)")
+# Aliasing: a parameter that shares memory with hidden
+# ------------------------------------------------------------------------------------------------
+
+
+def _extent(x: torch.Tensor) -> int:
+    """Bytes from x's first element to the end of its last (torch strides are non-negative)."""
+    if x.is_contiguous():
+        return x.numel() * x.element_size()
+    last = 0
+    for n, s in zip(x.shape, x.stride()):
+        last += (n - 1) * s
+    return (last + 1) * x.element_size()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b share bytes: their address ranges intersect (no host sync; addresses rather than
+    storage identity, so two storages over one buffer count too). A strided pair can intersect in range
+    without sharing an element: the callers then only copy a parameter that did not need it."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + _extent(b) and b0 < a0 + _extent(a)
+
+
+def own_copies(hidden: torch.Tensor, *params: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """The parameters, each replaced by a clone where it shares memory with hidden (README, Semantics): the
+    edit writes hidden's rows in place and must read its parameters as they were. The clone is
+    differentiable, so a parameter's gradient flows through it to what it viewed. A parameter that starts
+    past hidden's last byte (the common case) costs one data_ptr() and a comparison."""
+    if hidden.numel() == 0:
+        return params
+    h0 = hidden.data_ptr()
+    h1 = h0 + _extent(hidden)
+    out = []
+    for p in params:
+        if p is not None:
+            p0 = p.data_ptr()
+            if p0 < h1 and (p0 >= h0 or p0 + _extent(p) > h0) and p.numel() > 0:
+                p = p.clone()
+        out.append(p)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# The registered ops' own checks (reft_kernels::edit_fwd / edit_bwd / orthonormalize_*): torch.compile graphs
+# and other libraries call them without the public functions, so each validates what it is given. They
+# run in the op (and, where no value is read, in its fake at trace time), never on the eager path that the
+# public functions have already checked.
+# ------------------------------------------------------------------------------------------------
+
+
+def check_triton_device(x: torch.Tensor, name: str) -> None:
+    """x is a CUDA tensor, or a CPU tensor under the Triton interpreter."""
+    from .. import backend
+
+    if x.device.type not in ("cuda", "meta") and not (x.device.type == "cpu" and backend.INTERPRET):
+        raise ValueError(f"{name} must be a CUDA tensor for the Triton kernels (CPU tensors need "
+                         f"TRITON_INTERPRET=1 set before reft_kernels is imported), got {x.device}")
+
+
+def _need_kernel_float(x: torch.Tensor, name: str) -> None:
+    _need_float(x, name, KERNEL_DTYPES)
+
+
+def _need_on(x: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
+    if x.device != like.device:
+        raise ValueError(f"{name} must be on {like_name}'s device {like.device}, got {x.device}")
+
+
+def check_op_rows(x, name: str, positions, real: bool) -> tuple[int, int, int, int]:
+    """hidden or grad_out [B, T, d] and positions [B, P] of a registered edit op; returns (B, T, d, P).
+    real: a call with data (not a fake), where hidden's internal overlap can be checked."""
+    _need_tensor(x, name)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [B, T, d], got shape {tuple(x.shape)}")
+    _need_kernel_float(x, name)
+    check_triton_device(x, name)
+    if real and name == "hidden":
+        _check_no_internal_overlap(x)
+    B, T, d = x.shape
+    _check_positions_shape(positions, B, name)
+    _need_on(positions, "positions", x, name)
+    return B, T, d, positions.shape[1]
+
+
+def check_op_params(x: torch.Tensor, lift, weight, source_linear: bool, subtract_proj: bool, has_proj_bias: bool,
+                    act: str, dropout) -> int:
+    """lift [r, d] (1 <= r <= d), weight [r, d] exactly when source_linear, the flags, act and dropout of a
+    registered edit op; returns r."""
+    from .activations import kernel_code
+
+    r = check_matrix(lift, "lift", x, None)
+    _need_kernel_float(lift, "lift")
+    if source_linear:
+        if weight is None:
+            raise ValueError(f"weight must be [r, d] = [{r}, {x.shape[-1]}] when source_linear, got None")
+        check_matrix(weight, "weight", x, r)
+        _need_kernel_float(weight, "weight")
+    elif weight is not None:
+        raise ValueError("weight must be None when the source is the bias alone (source_linear=False)")
+    if has_proj_bias and not subtract_proj:
+        raise ValueError("proj_bias needs subtract_proj=True")
+    kernel_code(act)
+    check_dropout(dropout)
+    return r
+
+
+def check_op_vector(x, name: str, hidden: torch.Tensor, r: int) -> None:
+    check_vector(x, name, hidden, r)
+    _need_kernel_float(x, name)
+
+
+def check_op_saved(rows, output, stats, grad_out: torch.Tensor, N: int, r_pad: int) -> None:
+    """What edit_bwd reads by slot: stats [N, 2, r_pad] fp32 and the saved rows [N, d] or the forward's
+    output [B, T, d] (recompute), with exactly the forward's shapes."""
+    _need_tensor(stats, "stats")
+    if tuple(stats.shape) != (N, 2, r_pad) or stats.dtype != torch.float32:
+        raise ValueError(f"stats must be [N, 2, r_pad] = [{N}, 2, {r_pad}] float32 (edit_fwd's output with save >= 1), "
+                         f"got {tuple(stats.shape)} {stats.dtype}")
+    _need_on(stats, "stats", grad_out, "grad_out")
+    if rows is not None:
+        d = grad_out.shape[2]
+        if tuple(rows.shape) != (N, d) or rows.dtype != grad_out.dtype:
+            raise ValueError(f"rows must be [N, d] = [{N}, {d}] in grad_out's dtype {grad_out.dtype}, got "
+                             f"{tuple(rows.shape)} {rows.dtype}")
+        _need_on(rows, "rows", grad_out, "grad_out")
+    elif output is None:
+        raise ValueError("edit_bwd needs the saved rows [N, d] or the op's output (recompute) [B, T, d]")
+    else:
+        if output.shape != grad_out.shape or output.dtype != grad_out.dtype:
+            raise ValueError(f"output must be [B, T, d] = {list(grad_out.shape)} in grad_out's dtype {grad_out.dtype}, "
+                             f"got {tuple(output.shape)} {output.dtype}")
+        _need_on(output, "output", grad_out, "grad_out")
+
+
+def check_save(save) -> None:
+    if save not in (0, 1, 2):
+        raise ValueError(f"save must be 0 (nothing), 1 (stats) or 2 (stats and rows), got {save}")
