@@ -4,7 +4,8 @@ Suites: ops (the fused edit), orthonormal (keeping R orthonormal per training st
 default R parametrization against pyreft's exact one on a memorization task), train_step (a whole
 training step of a Llama-shaped model against the bias-hook floor, pyreft and LoRA), generate (time to
 first token and per generated token against plain generate) and pyreft_dropin (pyreft's own training
-loop with its interventions against reft_kernels' drop-in classes; only where pyreft imports). On a CPU
+loop with its interventions against reft_kernels' drop-in classes; only where pyreft imports) and adapters
+(mixed-adapter batches: the mixed op against a loop over adapters and plain torch, A = 1 to 512). On a CPU
 it takes about 4 minutes on a fresh 2-core machine, setup included, and times the fused C++ CPU kernels
 (csrc/) and the torch providers: the fused Triton kernels' figures need a GPU (under the CPU interpreter
 Triton is a correctness tool, not a timing one). Each suite writes <suite>.md, .csv,
@@ -19,10 +20,11 @@ import time
 
 import torch
 
-from . import bench_convergence, bench_generate, bench_ops, bench_orthonormal, bench_pyreft_dropin, bench_train_step
+from . import (bench_adapters, bench_convergence, bench_generate, bench_ops, bench_orthonormal, bench_pyreft_dropin,
+               bench_train_step)
 from . import harness as H
 
-SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate", "pyreft_dropin")
+SUITES = ("ops", "orthonormal", "convergence", "train_step", "generate", "pyreft_dropin", "adapters")
 
 
 def _take_suites(argv):
@@ -56,6 +58,7 @@ def main():
         "train_step": lambda: bench_train_step.main(out_args),
         "generate": lambda: bench_generate.main(out_args),
         "pyreft_dropin": lambda: bench_pyreft_dropin.main(out_args),
+        "adapters": lambda: bench_adapters.main(out_args),
     }
     # a bar over the suites on a terminal ("suite k/n: name" lines in a log); long suites nest their own
     for name in H.progress(suites, "suite", label=str):

@@ -5,6 +5,8 @@
     hidden = rk.direft(hidden, positions, W1, b, W2)    # DiReFT (the paper's), in place
     edit = rk.LoReFT(4096, 4)                           # modules: LoReFT, NoReFT, ConsReFT, LobiReFT,
     hidden = edit(hidden, positions)                    #   DiReFT, OrthoDiReFT
+    bank = rk.stack_adapters([...])                     # many adapters at one site, an adapter per row:
+    hidden = rk.mixed_reft_edit(hidden, positions, adapter_ids, bank)   # (flat: rk.mixed_reft_edit_flat)
     with rk.orthonormal_batch(model): ...               # every R of a model in one batched computation
     reft = rk.get_reft_model(hf_model, rk.ReftConfig(...))   # Hugging Face models: train, generate, save
     data = rk.make_data_module(tok, reft, prompts, answers)  # Trainer(model=reft, args=..., **data)
@@ -21,13 +23,16 @@ from .integration import (COMPONENTS, ReftConfig, ReftDataCollator, ReftModel, R
                           last_token_locations, make_data_module, make_last_position_supervised_data_module,
                           make_multiple_position_supervised_data_module, prefix_suffix_locations, reft_example)
 from .interop import load_pyreft, save_pyreft
-from .ops import EditSpec, direft, loreft, orthonormalize, reft_edit
+from .ops import (AdapterBank, AdapterParams, EditSpec, direft, loreft, mixed_reft_edit, mixed_reft_edit_flat,
+                  orthonormalize, reft_edit, stack_adapters)
 
 __version__ = "0.1.0"
 __all__ = [
-    "BACKEND_ENV", "BY_PYREFT_NAME", "COMPONENTS", "ReftConfig", "ReftDataCollator", "ReftModel", "Representation",
-    "get_reft_model", "last_token_locations", "load_pyreft", "make_data_module",
-    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module", "save_pyreft", "prefix_suffix_locations", "reft_example", "ConsReFT", "DiReFT", "EditSpec", "INTERVENTIONS", "LoReFT", "LobiReFT",
+    "AdapterBank", "AdapterParams", "BACKEND_ENV", "BY_PYREFT_NAME", "COMPONENTS", "ReftConfig", "ReftDataCollator",
+    "ReftModel", "Representation", "get_reft_model", "last_token_locations", "load_pyreft", "make_data_module",
+    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module", "save_pyreft",
+    "prefix_suffix_locations", "reft_example", "ConsReFT", "DiReFT", "EditSpec", "INTERVENTIONS", "LoReFT", "LobiReFT",
     "NoReFT", "OrthoDiReFT", "Orthonormal", "ReftIntervention", "direft", "loreft", "orthonormal_batch",
-    "orthonormality_error", "orthonormalize", "reft_edit", "__version__",
+    "mixed_reft_edit", "mixed_reft_edit_flat", "orthonormality_error", "orthonormalize", "reft_edit",
+    "stack_adapters", "__version__",
 ]

@@ -34,7 +34,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # csrc/ of a source checkout (editable installs), else the copy setup.py puts inside wheels
 SOURCE_DIR = next((p for p in (PACKAGE_DIR.parent / "csrc", PACKAGE_DIR / "csrc") if (p / "edit_cpu.cpp").is_file()),
                   PACKAGE_DIR.parent / "csrc")
-SOURCES = ("edit_cpu.cpp",)
+SOURCES = ("edit_cpu.cpp", "mixed_cpu.cpp")
 AOT_NAME = "_cpp"  # reft_kernels/_cpp*.so, built by setup.py
 
 _ISA_FLAGS = {

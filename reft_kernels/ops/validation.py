@@ -115,3 +115,91 @@ def check_dropout(dropout) -> float:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     return float(dropout)
+
+
+# ------------------------------------------------------------------------------------------------
+# The mixed-adapter op (ops/mixed_edit.py): the flat layout's hidden and rows, adapter ids, the bank
+# ------------------------------------------------------------------------------------------------
+
+
+def check_tokens(hidden, backend: str) -> None:
+    """hidden [n_tokens, d] of the flat layout, checked as check_hidden checks [B, T, d]."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [n_tokens, d] (the flat layout), got shape {tuple(hidden.shape)}")
+    if hidden.is_leaf and hidden.requires_grad:  # (checked here: the view below is no leaf)
+        raise ValueError("hidden is a leaf tensor that requires grad; the edit is written in place, which autograd "
+                         "forbids on leaves. Pass a non-leaf (e.g. hidden.clone())")
+    check_hidden(hidden[None], backend)
+
+
+def _check_index_values(x: torch.Tensor, name: str, lo_ok: int, hi: int, what: str) -> None:
+    if x.numel() > 0:
+        lo, top = (int(v) for v in torch.aminmax(x))
+        if lo < lo_ok or top >= hi:
+            raise ValueError(f"{name} must lie in [-1, {what}) with {what}={hi} (-1 = no edit), got values in [{lo}, {top}]")
+
+
+def check_rows(rows, hidden: torch.Tensor, check_values: Optional[bool]) -> torch.Tensor:
+    """The flat layout's rows [N] (indices into hidden's n_tokens, -1 = empty slot); returns them on hidden's
+    device."""
+    _need_tensor(rows, "rows")
+    if rows.dtype not in INDEX_DTYPES:
+        raise TypeError(f"rows must be int32 or int64, got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"rows must be [N] (indices into hidden's n_tokens), got shape {tuple(rows.shape)}")
+    if rows.device != hidden.device and rows.device.type != "cpu":
+        raise ValueError(f"rows must be on the CPU or on hidden's device {hidden.device}, got {rows.device}")
+    if values_checked(rows, check_values):
+        _check_index_values(rows, "rows", -1, hidden.shape[0], "n_tokens")
+    return rows.to(hidden.device, non_blocking=True) if rows.device != hidden.device else rows
+
+
+def check_adapter_ids(ids, positions: torch.Tensor, hidden: torch.Tensor, num_adapters: int, flat: bool,
+                      check_values: Optional[bool]) -> torch.Tensor:
+    """adapter_ids: [N] for the flat layout, [B] or [B, P] for the batched one (positions [B, P]); values in
+    [-1, A). Returns them on hidden's device."""
+    _need_tensor(ids, "adapter_ids")
+    if ids.dtype not in INDEX_DTYPES:
+        raise TypeError(f"adapter_ids must be int32 or int64, got {ids.dtype}")
+    if flat:
+        if tuple(ids.shape) != tuple(positions.shape):
+            raise ValueError(f"adapter_ids must be [N] = {list(positions.shape)} (one per row), got shape "
+                             f"{tuple(ids.shape)}")
+    elif tuple(ids.shape) not in ((positions.shape[0],), tuple(positions.shape)):
+        raise ValueError(f"adapter_ids must be [B] = [{positions.shape[0]}] (one per batch row) or [B, P] = "
+                         f"{list(positions.shape)} (one per slot), got shape {tuple(ids.shape)}")
+    if ids.device != hidden.device and ids.device.type != "cpu":
+        raise ValueError(f"adapter_ids must be on the CPU or on hidden's device {hidden.device}, got {ids.device}")
+    if values_checked(ids, check_values):
+        _check_index_values(ids, "adapter_ids", -1, num_adapters, "A")
+    return ids.to(hidden.device, non_blocking=True) if ids.device != hidden.device else ids
+
+
+def check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, hidden: torch.Tensor) -> None:
+    """The bank's tensors agree with each other and with hidden: lift and weight [A, r, d] with hidden's d,
+    bias and proj_bias [A, r], kinds and ranks [A] int32, dropout [A] float32, all on hidden's device."""
+    d = hidden.shape[-1]
+    _need_tensor(lift, "lift")
+    if lift.dim() != 3 or lift.shape[2] != d or lift.shape[1] < 1:
+        raise ValueError(f"the bank's lift must be [A, r, d] with d = {d} (hidden's) and r >= 1, got shape "
+                         f"{tuple(lift.shape)}")
+    A, R, _ = lift.shape
+    for name, x, shape in (("weight", weight, (A, R, d)), ("bias", bias, (A, R)), ("proj_bias", proj_bias, (A, R))):
+        if x is None:
+            continue
+        _need_tensor(x, name)
+        if tuple(x.shape) != shape:
+            raise ValueError(f"the bank's {name} must be {list(shape)} (lift is {list(lift.shape)}), got shape "
+                             f"{tuple(x.shape)}")
+    for name, x, dt in (("kinds", kinds, torch.int32), ("ranks", ranks, torch.int32), ("dropout", dropout, torch.float32)):
+        _need_tensor(x, name)
+        if tuple(x.shape) != (A,) or x.dtype != dt:
+            raise ValueError(f"the bank's {name} must be [A] = [{A}] {dt}, got shape {tuple(x.shape)} {x.dtype}")
+    for name, x in (("lift", lift), ("weight", weight), ("bias", bias), ("proj_bias", proj_bias)):
+        if x is not None:
+            _need_float(x, f"the bank's {name}", PARAM_DTYPES)
+    for name, x in (("lift", lift), ("weight", weight), ("bias", bias), ("proj_bias", proj_bias), ("kinds", kinds),
+                    ("ranks", ranks), ("dropout", dropout)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"the bank's {name} must be on hidden's device {hidden.device}, got {x.device} "
+                             "(bank.to(device) moves a bank)")
