@@ -375,10 +375,10 @@ class AdapterRegistry:
         unknown = [k for k in saved if k not in expected]
         bad = [k for k, v in saved.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
         if unknown or bad:
+            found = ", ".join(f"{k}: {tuple(saved[k].shape)} vs {tuple(expected[k].shape) if k in expected else 'none'}"
+                              for k in unknown + bad)
             raise ValueError(f"adapter {name!r}: base-model tensors {unknown + bad} do not fit this "
-                             f"{type(self.model).__name__} (" + ", ".join(
-                                 f"{k}: {tuple(saved[k].shape)} vs {tuple(expected[k].shape) if k in expected else 'none'}"
-                                 for k in unknown + bad) + ")")
+                             f"{type(self.model).__name__} ({found})")
         device = self._model_device()
         if any(t.device != device for t in adapter.tensors()):
             adapter.interventions.to(device)

@@ -68,7 +68,8 @@ def reft_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], config: R
     return _example(prompt_ids, answer_ids, locs[0], adapter_name)
 
 
-def _example(prompt_ids: list[int], answer_ids: list[int], locations: torch.Tensor, adapter_name: Optional[str]) -> dict:
+def _example(prompt_ids: list[int], answer_ids: list[int], locations: torch.Tensor,
+             adapter_name: Optional[str]) -> dict:
     example = {"input_ids": torch.tensor(prompt_ids + answer_ids, dtype=torch.long), "labels": torch.tensor(
         [IGNORE_INDEX] * len(prompt_ids) + answer_ids, dtype=torch.long), "intervention_locations": locations}
     if adapter_name is not None:

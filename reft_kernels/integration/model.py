@@ -548,7 +548,7 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
         if len(used) == 1:  # one adapter (and "__base__" rows): the single-adapter path
             plan, locations = self._single(used, intervention_locations, batch, mask, device)
             if base:
-                rows = torch.tensor([n == BASE for n in names], device=device)
+                rows = torch.tensor([n == BASE for n in names]).to(device, non_blocking=True)
                 locations = locations.masked_fill(rows[None, :, None], -1)
             return plan, locations, None
         plan = self._plans.get(("mixed", used))
@@ -562,7 +562,7 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
             rows_locations = self._check_locations(intervention_locations, batch, plan.num_locations, device,
                                                    f"a mixed batch of {list(used)}: n = the most interventions any "
                                                    "of them has; row b uses its adapter's first n_a").transpose(0, 1)
-        positions, ids = plan.gather(torch.tensor(rows, device=device), rows_locations)
+        positions, ids = plan.gather(torch.tensor(rows).to(device, non_blocking=True), rows_locations)
         return plan, positions, ids
 
     def _single(self, names: tuple, intervention_locations, batch, mask, device):

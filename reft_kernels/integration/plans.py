@@ -47,22 +47,22 @@ class MixedEdit:
     """Slot `index` of a mixed plan at a site: one mixed-op launch over the whole batch, with the bank of the
     adapters that have this slot (members: (adapter, its intervention index) per bank row)."""
 
-    __slots__ = ("index", "members", "cached", "cached_key")
+    __slots__ = ("index", "members", "cached")
 
     def __init__(self, index: int, members: list[tuple[Adapter, int]]):
         self.index, self.members = index, members
-        self.cached: Optional[AdapterBank] = None
-        self.cached_key: Any = None
+        self.cached: Optional[tuple[Any, AdapterBank]] = None  # (key, bank): one object, swapped atomically
 
     def bank(self, key) -> AdapterBank:
-        """The bank: reused while `key` (the call's cache key, None: never) is the one it was built under."""
-        if key is not None and self.cached_key is key:
-            return self.cached
+        """The bank: reused while `key` (the call's cache key; None: never) is the one it was built under."""
         if key is None:
             return stack_adapters([a.params(i) for a, i in self.members])
+        cached = self.cached
+        if cached is not None and cached[0] is key:
+            return cached[1]
         with torch.no_grad():
             bank = stack_adapters([a.params(i) for a, i in self.members])
-        self.cached, self.cached_key = bank, key
+        self.cached = (key, bank)
         return bank
 
     def apply(self, hidden, locations, state, owner):
@@ -173,7 +173,7 @@ def scheme_rows(adapters: Sequence[Adapter], rows: list[int], attention_mask: to
     if len(parts) == 1:
         return parts[0]
     stacked = pad_cat([p[None] for p in parts], 0)  # [K, B, n, P]
-    pick = torch.tensor([which[u] if u < len(adapters) else 0 for u in rows], device=stacked.device)
+    pick = torch.tensor([which[u] if u < len(adapters) else 0 for u in rows]).to(stacked.device, non_blocking=True)
     return stacked[pick, torch.arange(len(rows), device=stacked.device)]
 
 
