@@ -255,6 +255,32 @@ def test_mixed_batch_gradients_reach_each_adapter_from_its_rows(backend):
             torch.testing.assert_close(g, p.grad, **tol)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_mixed_batch_gradients_with_gradient_checkpointing(reentrant):
+    """The recomputation in the backward builds the batch's banks (and R) again and applies the same
+    dropout: the gradients are those without checkpointing."""
+    names = ["d", "default", BASE, "b"]
+    ids, mask = _prompts(len(names))
+    weight = torch.randn(len(names), ids.shape[1], VOCAB, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for checkpointing in (False, True):
+        reft = _model("cpp", names=("default", "b", "d"))
+        for a in reft.adapters.values():
+            for m in a.modules:
+                m.dropout = 0.2
+        if checkpointing:
+            reft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        reft.train()
+        torch.manual_seed(11)
+        _mixed_loss(reft, ids, mask, names, weight).backward()  # (the logits of "last" positions count too)
+        grads.append({n: p.grad.clone() for n, p in reft.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in ("interventions.", "adapter_interventions.b.", "adapter_interventions.d."):
+        assert sum(g.abs().sum() for n, g in grads[0].items() if n.startswith(name)) > 0, name
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_stock_trainer_trains_two_adapters_in_one_batch(tmp_path):
     tok = char_tokenizer()
     base = tiny_model("llama")
@@ -405,26 +431,30 @@ def test_set_delete_disable_and_the_state_dict():
         reft(input_ids=ids, attention_mask=mask)
 
 
-def test_frozen_banks_are_cached_until_a_parameter_changes():
-    reft = _model("cpp", names=("default", "b"))
-    reft.set_adapter(["default", "b"], inference_mode=True)  # frozen
-    names = ["b", "default", BASE]
+def test_frozen_banks_are_shared_by_every_mix_until_a_parameter_changes():
+    reft = _model("cpp", names=("default", "b", "d"))
+    reft.set_adapter(["default", "b", "d"], inference_mode=True)  # frozen
     ids, mask = _prompts(3)
-    plan_of = lambda: reft._plans[("mixed", ("default", "b"))]  # noqa: E731
+    mixes = (["b", "default", BASE], ["d", "b", "d"], ["default", "d", "b"])
     with torch.no_grad():
-        first = reft(input_ids=ids, attention_mask=mask, adapter_names=names).logits
-        banks = [e.cached[1] for edits in plan_of().sites.values() for e in edits]
-        again = reft(input_ids=ids, attention_mask=mask, adapter_names=names).logits
-        assert torch.equal(first, again)
-        assert [e.cached[1] for edits in plan_of().sites.values() for e in edits] == banks  # reused
+        first = [reft(input_ids=ids, attention_mask=mask, adapter_names=m).logits for m in mixes]
+        banks = dict(reft._shared.banks)  # one bank per site and slot, of every adapter that has it
+        assert len(banks) == 4 and all(b.num_adapters == len(reft._shared.members[k]) for k, b in banks.items())
+        again = [reft(input_ids=ids, attention_mask=mask, adapter_names=m).logits for m in mixes]
+        assert all(torch.equal(x, y) for x, y in zip(first, again))
+        assert reft._shared.banks == banks and all(reft._shared.banks[k] is b for k, b in banks.items())  # reused
         reft.adapters["b"].interventions["layer_2_comp_block_output_unit_pos_nunit_1#0"].weight.mul_(3)
-        changed = reft(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        changed = reft(input_ids=ids, attention_mask=mask, adapter_names=mixes[0]).logits
         alone = reft(input_ids=ids, attention_mask=mask, adapter_names=["b"] * 3).logits
         torch.testing.assert_close(changed[0], alone[0], rtol=1e-5, atol=1e-5)  # rebuilt after the write
-        assert not torch.allclose(changed[0], first[0])
-        assert torch.equal(changed[1], first[1])
-    reft.add_adapter("c", _configs(torch.float32)["c"])  # a change of adapters drops the plans
-    assert not reft._plans
+        assert not torch.allclose(changed[0], first[0][0])
+        assert torch.equal(changed[1], first[0][1])
+        # trainable adapters: the batch's own bank, built for the call
+        reft.set_requires_grad("d")
+        trainable = reft(input_ids=ids, attention_mask=mask, adapter_names=mixes[1]).logits
+        torch.testing.assert_close(trainable[[0, 2]], first[1][[0, 2]], rtol=1e-5, atol=1e-5)  # d's rows
+    reft.add_adapter("c", _configs(torch.float32)["c"])  # a change of adapters drops the plans and banks
+    assert not reft._plans and reft._shared is None
 
 
 def test_errors_name_what_is_wrong(tmp_path):

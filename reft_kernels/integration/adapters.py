@@ -281,7 +281,8 @@ class AdapterRegistry:
     def _init_registry(self) -> None:
         self._registry: "OrderedDict[str, Adapter]" = OrderedDict()
         self._active: list[str] = []
-        self._plans: dict = {}
+        self._plans: dict = {}  # (kind, adapter names) -> plans.Plan / MixedPlan, the most recently used last
+        self._shared = None  # plans.SharedBanks of the current adapters, made at the first frozen mixed batch
 
     @property
     def adapters(self) -> Mapping[str, Adapter]:
@@ -326,6 +327,11 @@ class AdapterRegistry:
     @property
     def _orthonormals(self) -> list:
         return [m for a in self._registry.values() for m in a.orthonormals]
+
+    def _invalidate(self) -> None:
+        """Drops the plans and banks (adapters were added, deleted or loaded)."""
+        self._plans.clear()
+        self._shared = None
 
     def _unfrozen(self) -> list[str]:
         return [m for a in self._registry.values() for m in a.config.unfrozen_modules]
@@ -395,7 +401,7 @@ class AdapterRegistry:
                 self._modules["adapter_interventions"] = nn.ModuleDict()
             self._modules["adapter_interventions"][name] = adapter.interventions
         self._registry[name] = adapter
-        self._plans.clear()
+        self._invalidate()
         self._hook_sites(adapter)
 
     def add_adapter(self, adapter_name: str, config: ReftConfig) -> None:
@@ -460,7 +466,7 @@ class AdapterRegistry:
             warnings.warn(f"adapter {adapter_name!r} trained base-model modules {adapter.config.unfrozen_modules}: "
                           "they keep its values (frozen again); reload the base model for the original ones",
                           stacklevel=2)
-        self._plans.clear()
+        self._invalidate()
         self._unhook_unused_sites()
         if adapter_name in self._active:
             self._active.remove(adapter_name)
@@ -556,7 +562,7 @@ class AdapterRegistry:
             module.load_state_dict(sub, strict=False, assign=assign)
         for m in self._orthonormals:
             m._cache = None
-        self._plans.clear()
+        self._invalidate()
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def _selected(self, selected_adapters: Optional[Sequence[str]]) -> list[str]:

@@ -70,7 +70,7 @@ from .adapters import (BASE, DEFAULT, Adapter, AdapterRegistry, adapter_path, ch
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .config import ReftConfig
 from .locate import component_site, find_layers, hidden_size
-from .plans import MixedPlan, Plan, pad_cat, scheme_rows
+from .plans import MixedPlan, Plan, SharedBanks, pad_cat, scheme_rows
 from .positions import check_locations
 
 
@@ -83,8 +83,8 @@ class _Call:
     caller_storage: tuple  # data_ptrs of caller tensors the edit must not write into (inputs_embeds)
     bound: Optional[int] = None  # generate: the prompt's length; no location at or past it is edited
     plan: Any = None  # plans.Plan or plans.MixedPlan: the edits of each site
-    ids: Optional[torch.Tensor] = None  # mixed batches: [S, B] each slot's bank index per row (-1: none)
-    bank_key: Any = None  # mixed batches: the key the sites' banks are cached under (adapters.MixedEdit)
+    ids: Optional[torch.Tensor] = None  # mixed batches: [S, B] each slot's bank row per row (-1: none)
+    banks: Any = None  # mixed batches: plans.SharedBanks, or the call's token for its own banks (None: per forward)
     offset: int = 0  # where the current base-model forward's first token sits in the sequence (host int)
     fed: dict = dataclasses.field(default_factory=dict)  # id(cache) -> (cache, its length after the last forward)
     window: Optional[tuple] = None  # ((rows, offset, tokens), locations of that forward): computed once a forward
@@ -122,6 +122,8 @@ class _Call:
             self.window = (key, torch.where((shifted >= 0) & (shifted < tokens), shifted, -1))
         return self.window[1]
 
+
+_PLANS = 64  # plans kept (the most recently used): one per adapter set that a call has used
 
 _CALL: contextvars.ContextVar[Optional[_Call]] = contextvars.ContextVar("reft_kernels_call", default=None)
 # ids of the ReftModels whose adapters are disabled in this context (ReftModel.disable_adapter)
@@ -504,7 +506,7 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
         if self._disabled():
             yield  # disable_adapter(): the base model, unedited
             return
-        plan, locations, ids = self._plan_call(intervention_locations, batch, adapter_names, mask)
+        plan, locations, ids, banks = self._plan_call(intervention_locations, batch, adapter_names, mask)
         if plan is None:
             yield  # every row "__base__"
             return
@@ -515,8 +517,7 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
             locations = torch.where(locations < prompt_length, locations, -1)
         storage = tuple(t.untyped_storage().data_ptr() for t in caller_tensors if isinstance(t, torch.Tensor))
         self._wrap_checkpointing()
-        state = _Call(self, locations, storage, bound=prompt_length, plan=plan, ids=ids,
-                      bank_key=plan.cache_key() if plan.mixed else None)
+        state = _Call(self, locations, storage, bound=prompt_length, plan=plan, ids=ids, banks=banks)
         token = _CALL.set(state)
         try:
             # every trainable R of the call's adapters once per call, all layers in one batch (frozen ones come
@@ -531,29 +532,27 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
             _CALL.reset(token)
 
     def _plan_call(self, intervention_locations, batch: int, adapter_names, mask):
-        """(plan, locations [N, B, P] on the adapters' device, bank indices [S, B] or None) for a call; (None,
-        None, None) when every row is "__base__". See integration/plans.py."""
+        """(plan, locations [N, B, P] on the adapters' device, bank rows [S, B] or None, the banks' source) for
+        a call; Nones when every row is "__base__". See integration/plans.py."""
         device = self.device
         if adapter_names is None:
             if not self._active:
                 raise ValueError(f"no adapter is active (adapters: {list(self._registry)}): set_adapter(name), or pass "
                                  "adapter_names=[...] (one per row); the base model alone: reft.model(...)")
-            return self._single(tuple(self._active), intervention_locations, batch, mask, device) + (None,)
+            return self._single(tuple(self._active), intervention_locations, batch, mask, device) + (None, None)
         names = self._row_names(adapter_names, batch)
         present = set(names)
         used = tuple(n for n in self._registry if n in present)
         if not used:
-            return None, None, None
+            return None, None, None, None
         base = BASE in present
         if len(used) == 1:  # one adapter (and "__base__" rows): the single-adapter path
             plan, locations = self._single(used, intervention_locations, batch, mask, device)
             if base:
                 rows = torch.tensor([n == BASE for n in names]).to(device, non_blocking=True)
                 locations = locations.masked_fill(rows[None, :, None], -1)
-            return plan, locations, None
-        plan = self._plans.get(("mixed", used))
-        if plan is None:
-            plan = self._plans[("mixed", used)] = MixedPlan([self._registry[n] for n in used])
+            return plan, locations, None, None
+        plan = self._plan(("mixed", used), lambda: MixedPlan([self._registry[n] for n in used], self._shared_banks()))
         rows = [plan.index.get(n, len(used)) for n in names]
         if intervention_locations is None:
             self._need_schemes(plan.adapters)
@@ -562,13 +561,32 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
             rows_locations = self._check_locations(intervention_locations, batch, plan.num_locations, device,
                                                    f"a mixed batch of {list(used)}: n = the most interventions any "
                                                    "of them has; row b uses its adapter's first n_a").transpose(0, 1)
-        positions, ids = plan.gather(torch.tensor(rows).to(device, non_blocking=True), rows_locations)
-        return plan, positions, ids
+        if not any(a.requires_grad() for a in plan.adapters):  # frozen: the model's shared banks
+            banks = self._shared_banks()
+            banks.validate(plan.adapters)
+        else:  # trainable: the batch's own banks, once per call under no_grad, every forward with autograd
+            banks = None if torch.is_grad_enabled() else object()
+        positions, ids = plan.gather(torch.tensor(rows).to(device, non_blocking=True), rows_locations,
+                                     shared=isinstance(banks, SharedBanks))
+        return plan, positions, ids, banks
+
+    def _plan(self, key: tuple, build):
+        """The plan of an adapter configuration, kept for later calls (the _PLANS most recently used)."""
+        plan = self._plans.pop(key, None)  # re-inserted below: the most recently used last
+        if plan is None:
+            plan = build()
+            while len(self._plans) >= _PLANS:
+                self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
+        return plan
+
+    def _shared_banks(self) -> SharedBanks:
+        if self._shared is None:
+            self._shared = SharedBanks(list(self._registry.values()))
+        return self._shared
 
     def _single(self, names: tuple, intervention_locations, batch, mask, device):
-        plan = self._plans.get(("single", names))
-        if plan is None:
-            plan = self._plans[("single", names)] = Plan([self._registry[n] for n in names])
+        plan = self._plan(("single", names), lambda: Plan([self._registry[n] for n in names]))
         if intervention_locations is None:
             self._need_schemes(plan.adapters)
             locations = pad_cat([a.locations(self._mask(mask)) for a in plan.adapters], 1)

@@ -12,13 +12,13 @@ order, and where each finds its locations and parameters (integration/model.py's
   index per row. The positions [S, B, P] and bank indices [S, B] of all S slots are gathered on the device
   once per call from the rows' adapter indices (MixedPlan.gather: two index ops, no host sync); a site's
   hook slices them. There is no Python loop over rows or adapters at a site.
-- Banks (MixedEdit.bank): stacked from the modules (reft_kernels.stack_adapters). When no parameter of the
-  batch's adapters requires grad, a site's bank is built once and reused by later calls until a tensor of
-  one of them changes (checked once per call, MixedPlan.cache_key: each tensor's storage, version counter,
-  dtype and device) or the adapters are added or removed (the ReftModel drops its plans). Under no_grad
-  with trainable adapters a bank lives for one call; with autograd on it is built at the site on every
-  forward (differentiable: each adapter's gradient reaches its own parameters; gradient checkpointing's
-  recomputation builds its own, as it computes its own R).
+- Banks. When no parameter of the batch's adapters requires grad (a frozen or served model), every mixed
+  batch reads SharedBanks: per site and slot one bank of every adapter of the model, built once and reused
+  by any later mix, until a tensor of one of the batch's adapters changes (checked once per call: each
+  tensor's storage, version counter, dtype and device) or adapters are added, deleted or loaded. With
+  trainable adapters the batch's own bank is stacked from its adapters' modules at the site: once per call
+  under no_grad, on every forward with autograd (differentiable: each adapter's gradient reaches its own
+  parameters; gradient checkpointing's recomputation builds its own, as it computes its own R).
 """
 from __future__ import annotations
 
@@ -44,30 +44,76 @@ class SingleEdit:
 
 
 class MixedEdit:
-    """Slot `index` of a mixed plan at a site: one mixed-op launch over the whole batch, with the bank of the
-    adapters that have this slot (members: (adapter, its intervention index) per bank row)."""
+    """Slot `index` of a mixed plan at a site: one mixed-op launch over the whole batch. members: (adapter,
+    its intervention index) of the batch's adapters that have this slot, the rows of a bank built for the
+    batch; key: (site, slot), the slot's bank in SharedBanks (every adapter of the model)."""
 
-    __slots__ = ("index", "members", "cached")
+    __slots__ = ("index", "members", "key", "cached")
 
-    def __init__(self, index: int, members: list[tuple[Adapter, int]]):
-        self.index, self.members = index, members
-        self.cached: Optional[tuple[Any, AdapterBank]] = None  # (key, bank): one object, swapped atomically
+    def __init__(self, index: int, members: list[tuple[Adapter, int]], key: tuple):
+        self.index, self.members, self.key = index, members, key
+        self.cached: Optional[tuple[Any, AdapterBank]] = None  # (call token, bank): one object, swapped atomically
 
-    def bank(self, key) -> AdapterBank:
-        """The bank: reused while `key` (the call's cache key; None: never) is the one it was built under."""
-        if key is None:
+    def batch_bank(self, token) -> AdapterBank:
+        """A bank of the batch's adapters: built here with autograd (token None: differentiable, every
+        forward), or once per call under no_grad (token: the call's)."""
+        if token is None:
             return stack_adapters([a.params(i) for a, i in self.members])
         cached = self.cached
-        if cached is not None and cached[0] is key:
+        if cached is not None and cached[0] is token:
             return cached[1]
         with torch.no_grad():
             bank = stack_adapters([a.params(i) for a, i in self.members])
-        self.cached = (key, bank)
+        self.cached = (token, bank)
         return bank
 
     def apply(self, hidden, locations, state, owner):
-        return mixed_reft_edit(hidden, locations[self.index], state.ids_for(hidden.shape[0])[self.index],
-                               self.bank(state.bank_key), training=owner.training, backend=owner.backend)
+        banks = state.banks
+        bank = banks.bank(self.key) if isinstance(banks, SharedBanks) else self.batch_bank(banks)
+        return mixed_reft_edit(hidden, locations[self.index], state.ids_for(hidden.shape[0])[self.index], bank,
+                               training=owner.training, backend=owner.backend)
+
+
+_UNSEEN = object()
+
+
+class SharedBanks:
+    """Per site and slot, one bank of EVERY adapter of the model that has that slot, built once (lazily, at a
+    site's first use) and shared by all mixed batches whose adapters are frozen: a batch reads the rows of its
+    own adapters, whatever the mix, so no bank is built per mix. Memory: one stacked copy of the adapters'
+    parameters (zero padded to each slot's largest rank).
+
+    Staleness: validate(batch adapters), once per call, compares each batch adapter's fingerprint (its
+    tensors' storage, version counter, dtype, device) with the one recorded when the banks were dropped last;
+    any difference drops every bank (rebuilt at their next use) and records every adapter's fingerprint anew.
+    An adapter that was trainable then is recorded as never matching (fused optimizers update parameters
+    without moving the version counter), so its rows are rebuilt before a batch reads them. A ReftModel drops
+    its SharedBanks when adapters are added, deleted or loaded (load_state_dict)."""
+
+    def __init__(self, adapters: Sequence[Adapter]):
+        self.adapters = tuple(adapters)
+        self.members: dict[tuple, list[tuple[Adapter, int]]] = {}
+        for a in self.adapters:
+            for site, indices in a.sites.items():
+                for j, i in enumerate(indices):
+                    self.members.setdefault((site, j), []).append((a, i))
+        self.rows = {key: {a.name: k for k, (a, _) in enumerate(m)} for key, m in self.members.items()}
+        self.banks: dict[tuple, AdapterBank] = {}
+        self.recorded: dict[str, Any] = {}
+
+    def validate(self, adapters: Sequence[Adapter]) -> None:
+        if all(self.recorded.get(a.name, _UNSEEN) == a.fingerprint() for a in adapters):
+            return
+        self.banks = {}
+        self.recorded = {a.name: None if a.requires_grad() else a.fingerprint() for a in self.adapters}
+
+    def bank(self, key: tuple) -> AdapterBank:
+        bank = self.banks.get(key)
+        if bank is None:
+            with torch.no_grad():
+                bank = stack_adapters([a.params(i) for a, i in self.members[key]])
+            self.banks[key] = bank
+        return bank
 
 
 class Plan:
@@ -88,13 +134,14 @@ class Plan:
 
 
 class MixedPlan:
-    """A mixed batch over `adapters` (module docstring): S slots, and per slot two small tables indexed by
-    a row's adapter (index into adapters; len(adapters) for "__base__"): the intervention whose locations the
-    row uses (-1: none) and its row in the slot's bank (-1: no edit)."""
+    """A mixed batch over `adapters` (module docstring): S slots (the sites and slots these adapters edit),
+    and per slot three small tables indexed by a row's adapter (index into adapters; len(adapters) for
+    "__base__"): the intervention whose locations the row uses (-1: none), and its row in the slot's bank,
+    the batch's own (built for the call) or the shared one (SharedBanks), -1: no edit."""
 
     mixed = True
 
-    def __init__(self, adapters: Sequence[Adapter]):
+    def __init__(self, adapters: Sequence[Adapter], shared: SharedBanks):
         self.adapters = tuple(adapters)
         self.index = {a.name: u for u, a in enumerate(self.adapters)}
         self.num_locations = max(a.num_interventions for a in self.adapters)  # n of a mixed batch's locations
@@ -102,25 +149,25 @@ class MixedPlan:
         order: list[tuple[int, str]] = []
         for a in self.adapters:
             order += [s for s in a.sites if s not in order]
-        interv, banks, self.sites = [], [], {}
+        interv, own, common, self.sites = [], [], [], {}
         for site in order:
             slots = max(len(a.sites.get(site, ())) for a in self.adapters)
             edits = []
             for j in range(slots):
-                members, iv_row, bank_row = [], [-1] * (U + 1), [-1] * (U + 1)
+                members, iv_row, own_row, common_row = [], [-1] * (U + 1), [-1] * (U + 1), [-1] * (U + 1)
                 for u, a in enumerate(self.adapters):
                     indices = a.sites.get(site, ())
                     if len(indices) > j:
-                        iv_row[u], bank_row[u] = indices[j], len(members)
+                        iv_row[u], own_row[u] = indices[j], len(members)
+                        common_row[u] = shared.rows[(site, j)][a.name]
                         members.append((a, indices[j]))
-                edits.append(MixedEdit(len(interv), members))
+                edits.append(MixedEdit(len(interv), members, (site, j)))
                 interv.append(iv_row)
-                banks.append(bank_row)
+                own.append(own_row)
+                common.append(common_row)
             self.sites[site] = tuple(edits)
-        self._tables = torch.tensor([interv, banks], dtype=torch.long)  # [2, S, U + 1]
+        self._tables = torch.tensor([interv, own, common], dtype=torch.long)  # [3, S, U + 1]
         self._on: dict = {}
-        self.fingerprint: Optional[tuple] = None
-        self.frozen_key: Optional[object] = None
 
     def tables(self, device) -> torch.Tensor:
         t = self._on.get(device)
@@ -128,23 +175,12 @@ class MixedPlan:
             t = self._on[device] = self._tables.to(device)
         return t
 
-    def cache_key(self) -> Optional[object]:
-        """The key the banks of a call are cached under (MixedEdit.bank): a persistent one while no parameter of
-        these adapters requires grad and none changed since the last call (checked here, once per call), one
-        for this call alone under no_grad, None (build at every site) with autograd on and trainable adapters."""
-        if any(a.requires_grad() for a in self.adapters):
-            return None if torch.is_grad_enabled() else object()
-        fingerprint = tuple(a.fingerprint() for a in self.adapters)
-        if fingerprint != self.fingerprint or self.frozen_key is None:
-            self.fingerprint, self.frozen_key = fingerprint, object()
-        return self.frozen_key
-
-    def gather(self, rows: torch.Tensor, locations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, rows: torch.Tensor, locations: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """rows [B] (each row's adapter index, len(adapters) for "__base__") and the rows' locations
-        [B, num_locations, P] -> the slots' positions [S, B, P] (-1: no edit) and bank indices [S, B]: two index
-        ops on the device, no host sync."""
+        [B, num_locations, P] -> the slots' positions [S, B, P] (-1: no edit) and bank rows [S, B] (of the
+        shared banks or of the batch's own): two index ops on the device, no host sync."""
         tables = self.tables(rows.device)
-        interv, bank = tables[0][:, rows], tables[1][:, rows]  # [S, B]
+        interv, bank = tables[0][:, rows], tables[2 if shared else 1][:, rows]  # [S, B]
         B = rows.shape[0]
         positions = locations[torch.arange(B, device=rows.device)[None, :], interv.clamp(min=0)]  # [S, B, P]
         return torch.where(interv[..., None] >= 0, positions, -1), bank
@@ -177,4 +213,4 @@ def scheme_rows(adapters: Sequence[Adapter], rows: list[int], attention_mask: to
     return stacked[pick, torch.arange(len(rows), device=stacked.device)]
 
 
-__all__ = ["MixedEdit", "MixedPlan", "Plan", "SingleEdit", "pad_cat", "scheme_rows"]
+__all__ = ["MixedEdit", "MixedPlan", "Plan", "SharedBanks", "SingleEdit", "pad_cat", "scheme_rows"]
