@@ -118,6 +118,7 @@ class Adapter:
             self.interventions[key] = cls(dim, rep.low_rank_dimension, **kwargs)
             sites.setdefault((rep.layer, rep.component), []).append(index)
         self.modules: list[ReftIntervention] = list(self.interventions.values())
+        self._holders = list(self.interventions.modules())  # every submodule: their own parameter/buffer dicts
         self.sites = {s: tuple(v) for s, v in sites.items()}
         self.model_state: dict[str, torch.Tensor] = {}
         self.source: Optional[str] = None
@@ -145,10 +146,12 @@ class Adapter:
                              EditSpec(m.source_linear, m.subtract_proj, m.act), m.dropout)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for m in self.modules for t in (*m.parameters(), *m.buffers())]
+        """Every parameter and buffer of the interventions (read from the submodules' own dicts: several times
+        cheaper than Module.parameters(), which this is called in place of once per mixed call)."""
+        return [t for h in self._holders for d in (h._parameters, h._buffers) for t in d.values() if t is not None]
 
     def requires_grad(self) -> bool:
-        return any(p.requires_grad for m in self.modules for p in m.parameters())
+        return any(p is not None and p.requires_grad for h in self._holders for p in h._parameters.values())
 
     def fingerprint(self) -> tuple:
         """Changes whenever a tensor of the adapter is replaced, moved, cast or written in place (its version
