@@ -354,6 +354,8 @@ def test_save_writes_peft_layout_and_loads_back_bitwise(tmp_path):
     with pytest.raises(ValueError, match="does not match the integrity record"):
         again.load_adapter(tmp_path / "only_b" / "b", adapter_name="b2")
     assert "b2" not in again.adapters
+    with pytest.raises(FileNotFoundError, match=r"holds the adapters \['b'\] in subfolders.*subfolder=name"):
+        rk.ReftModel.from_pretrained(tiny_model("llama"), tmp_path / "only_b")
 
 
 def test_read_adapter_and_pyreft_format_of_a_chosen_adapter(tmp_path):
