@@ -455,6 +455,21 @@ def test_frozen_banks_are_shared_by_every_mix_until_a_parameter_changes():
         reft.set_requires_grad("d")
         trainable = reft(input_ids=ids, attention_mask=mask, adapter_names=mixes[1]).logits
         torch.testing.assert_close(trainable[[0, 2]], first[1][[0, 2]], rtol=1e-5, atol=1e-5)  # d's rows
+    # trained in between (a fused optimizer need not move version counters), then frozen again: rebuilt
+    reft.set_requires_grad("default")
+    reft.train()
+    reft(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    torch.optim.AdamW(reft.adapters["default"].interventions.parameters(), lr=0.1, fused=True).step()
+    reft.set_requires_grad("default", False)
+    reft.eval()
+    with torch.no_grad():
+        mixed = reft(input_ids=ids, attention_mask=mask, adapter_names=mixes[2]).logits
+        alone = reft(input_ids=ids, attention_mask=mask, adapter_names=["default"] * 3).logits
+        torch.testing.assert_close(mixed[0], alone[0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mixed[0], first[2][0])
+        for m in reft._orthonormals:  # R computed afresh: the single-adapter path held no stale R either
+            m._cache = None
+        assert torch.equal(reft(input_ids=ids, attention_mask=mask, adapter_names=["default"] * 3).logits, alone)
     reft.add_adapter("c", _configs(torch.float32)["c"])  # a change of adapters drops the plans and banks
     assert not reft._plans and reft._shared is None
 

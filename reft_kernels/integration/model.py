@@ -517,6 +517,10 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
             locations = torch.where(locations < prompt_length, locations, -1)
         storage = tuple(t.untyped_storage().data_ptr() for t in caller_tensors if isinstance(t, torch.Tensor))
         self._wrap_checkpointing()
+        if self._shared is not None:  # trainable adapters of this call: their shared-bank rows are rebuilt later
+            trainable = [a.name for a in plan.adapters if a.requires_grad()]
+            if trainable:
+                self._shared.forget(trainable)
         state = _Call(self, locations, storage, bound=prompt_length, plan=plan, ids=ids, banks=banks)
         token = _CALL.set(state)
         try:

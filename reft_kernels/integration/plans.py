@@ -86,9 +86,10 @@ class SharedBanks:
     Staleness: validate(batch adapters), once per call, compares each batch adapter's fingerprint (its
     tensors' storage, version counter, dtype, device) with the one recorded when the banks were dropped last;
     any difference drops every bank (rebuilt at their next use) and records every adapter's fingerprint anew.
-    An adapter that was trainable then is recorded as never matching (fused optimizers update parameters
-    without moving the version counter), so its rows are rebuilt before a batch reads them. A ReftModel drops
-    its SharedBanks when adapters are added, deleted or loaded (load_state_dict)."""
+    An adapter that was trainable then, or has been trainable in any call since (forget: ReftModel reports
+    every call's trainable adapters), is recorded as never matching, since fused optimizers update
+    parameters without moving the version counter: its rows are rebuilt before a frozen batch reads them.
+    A ReftModel drops its SharedBanks when adapters are added, deleted or loaded (load_state_dict)."""
 
     def __init__(self, adapters: Sequence[Adapter]):
         self.adapters = tuple(adapters)
@@ -107,10 +108,17 @@ class SharedBanks:
         self.banks = {}
         self.recorded = {a.name: None if a.requires_grad() else a.fingerprint() for a in self.adapters}
 
+    def forget(self, names: Sequence[str]) -> None:
+        """These adapters are trainable in a call: their rows are not trusted again until rebuilt (an optimizer
+        step after this call may leave the version counters where they are)."""
+        for name in names:
+            self.recorded[name] = None
+
     def bank(self, key: tuple) -> AdapterBank:
         bank = self.banks.get(key)
         if bank is None:
-            with torch.no_grad():
+            # ordinary tensors even inside torch.inference_mode(): a later call with autograd may reuse them
+            with torch.inference_mode(False), torch.no_grad():
                 bank = stack_adapters([a.params(i) for a, i in self.members[key]])
             self.banks[key] = bank
         return bank
@@ -172,7 +180,8 @@ class MixedPlan:
     def tables(self, device) -> torch.Tensor:
         t = self._on.get(device)
         if t is None:
-            t = self._on[device] = self._tables.to(device)
+            with torch.inference_mode(False):
+                t = self._on[device] = self._tables.to(device)
         return t
 
     def gather(self, rows: torch.Tensor, locations: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
