@@ -30,8 +30,13 @@ the bank slices the batch touches: each touched adapter's lift and weight, r x d
 mixed_calls, loop_calls: the op calls (CPU: reft_kernels_cpp ops, counted with the profiler) or kernel launches
 (GPU: counted by wrapping the Triton kernels) of one forward.
 
-Method: medians of `reps` timed calls after warm-up (CUDA events on a GPU, perf_counter on a CPU, one torch
-thread there as in the other suites); on a GPU the hidden buffers rotate over more than 4x the L2 cache.
+Method: every (provider, mode) of a case is timed in each of `rounds` rounds after a warm-up round, the
+order rotating from round to round (harness.interleaved: drift and other load land on every provider
+alike); medians of the pooled calls (CUDA events on a GPU, perf_counter on a CPU, one torch thread there as
+in the other suites), mixed_spread_pct the interquartile range of mixed's calls over their median (a
+difference smaller than that is noise); on a GPU the hidden buffers rotate over more than 4x the L2 cache.
+On a CPU the loop's backward is not timed where its A calls would copy more than 16 GB of hidden gradient,
+nor torch's backward at N = 16384 (the skipped list below says which).
 Ratios: mixed_over_floor, loop_over_mixed and torch_over_mixed (how many times faster the mixed op is),
 mixed_over_single (A = 1), mixed-per-type_over_mixed.
 """
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -161,14 +167,16 @@ def providers(case: Case, fused: str):
         return rk.mixed_reft_edit_flat(h, case.rows if rows is None else rows, case.ids if ids is None else ids, bank,
                                        rows_unique=True, backend=backend)
 
-    def modes(call):
-        """fwd and fwd+bwd of call(h, bank_for_training_or_None)."""
+    def modes(call, batched=False):
+        """fwd and fwd+bwd of call(h, bank_for_training_or_None); batched: h as [1, N, d] (the single-adapter op's
+        layout; a view made before the tensor joins the graph, since in-place edits of a view make autograd
+        clone the whole gradient once per edit in the backward)."""
         state = {}
 
         def fwd():
             h, _ = case.next()
             with torch.no_grad():
-                call(h, None)
+                call(h.view(1, case.N, case.d) if batched else h, None)
 
         def fwd_bwd():
             h, g = case.next()
@@ -176,6 +184,8 @@ def providers(case: Case, fused: str):
             if bank is None:
                 bank = state["bank"] = case.train_bank()
                 case.banks.append(bank)
+            if batched:
+                h, g = h.view(1, case.N, case.d), g.view(1, case.N, case.d)
             call(H.as_nonleaf(h), bank).backward(g)
             case.clear_grads()
 
@@ -184,8 +194,7 @@ def providers(case: Case, fused: str):
     out["mixed"] = modes(lambda h, bank: mixed_call(h, case.bank if bank is None else bank))
     out["torch"] = modes(lambda h, bank: mixed_call(h, case.bank if bank is None else bank, backend="torch"))
 
-    def loop(h, bank):
-        x = h.view(1, case.N, case.d)
+    def loop(x, bank):
         for a, p in enumerate(case.adapters):
             if bank is None:
                 lift, w, b = p.lift.detach(), None if p.weight is None else p.weight.detach(), p.bias.detach()
@@ -193,9 +202,9 @@ def providers(case: Case, fused: str):
                 lift, w, b = p.lift, p.weight, p.bias
             x = rk.reft_edit(x, case.adapter_rows[a], lift, w, b, source_linear=p.spec.source_linear,
                              subtract_proj=p.spec.subtract_proj, backend=fused)
-        return x.view(case.N, case.d)
+        return x
 
-    out["loop"] = modes(loop)
+    out["loop"] = modes(loop, batched=True)
     if case.A == 1:
         out["single"] = out["loop"]  # the loop over one adapter is one call of today's op
     if case.types == "six":
@@ -245,32 +254,71 @@ def count_calls(fn, fused: str) -> int:
     return sum(1 for n in names if n.startswith("reft_kernels_cpp::") and n.split("::")[1] in ("edit", "mixed_edit"))
 
 
-def measure(case: Case, fused: str, modes, reps, bw, names):
-    rows = []
+# On a CPU the loop's backward is skipped where its A calls would copy more than this many bytes of hidden
+# gradient: each call of today's op writes a whole new hidden gradient (the rows it does not edit copied
+# through), so a loop over A adapters copies A x N x d elements (at A = 512, N = 16384: 128 GB, 178 s a step
+# in a one-off run of this suite).
+LOOP_BWD_BYTES_CPU = 16 << 30
+
+
+def skip_reason(case: Case, name: str, mode: str, cuda: bool) -> str:
+    """Why (provider, mode) is not timed in this case on this device, or ""."""
+    if cuda or mode != "fwd+bwd":
+        return ""
+    if name == "torch" and case.N * case.d >= 16384 * 4096:
+        return "seconds a call on a CPU, and 2 GB of gathered parameters"
+    if name == "loop" and case.A * case.rows_bytes > LOOP_BWD_BYTES_CPU:
+        return f"its {case.A} backward calls copy {case.A * case.rows_bytes / 2**30:.0f} GB of hidden gradient"
+    return ""
+
+
+def calls_per_round(case: Case, name: str, mode: str, cuda: bool) -> int:
+    if cuda:
+        return 10
+    if name == "torch" or (name == "loop" and mode == "fwd+bwd" and case.A >= 64):
+        return 1  # seconds a call
+    return 3 if case.N * case.d >= 16384 * 4096 else 5
+
+
+def measure(case: Case, fused: str, modes, rounds, names, skipped: dict):
+    """Rows (one per mode) for one case. Every (provider, mode) is timed in each of `rounds` rounds (after a
+    warm-up round), the order rotating from round to round (harness.interleaved), so that drift and other load
+    on the machine land on all providers alike; medians of the pooled calls, and their spread for mixed."""
     fns = providers(case, fused)
     cuda = case.hidden[0].is_cuda
-    big = case.N * case.d >= 16384 * 4096
+    blocks = {}
+    for mode in modes:
+        for name in names:
+            if name not in fns:
+                continue
+            why = skip_reason(case, name, mode, cuda)
+            if why:
+                skipped[f"{name} {mode} A={case.A} N={case.N}"] = why
+                continue
+            fn, k = fns[name][mode], calls_per_round(case, name, mode, cuda)
+
+            def block(fn=fn, k=k):
+                samples = [H.time_per_call_us(fn, reps=1, warmup=0) for _ in range(k)]
+                case.clear_grads()
+                return {"us": samples}
+
+            blocks[f"{name}|{mode}"] = block
+    res = H.interleaved(blocks, rounds, warm_rounds=1)
+    rows = []
     for mode in modes:
         row = {"bank": "six types" if case.types == "six" else "loreft", "A": case.A, "N": case.N, "d": case.d,
                "r": case.r, "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[case.dtype], "mode": mode}
         for name in names:
-            if name not in fns:
-                continue
-            if name == "torch" and not cuda and big and mode == "fwd+bwd":
-                continue  # seconds a call on a 2-core CPU, and 3 GB of gathered parameters
-            fn = fns[name][mode]
-            slow = big and not cuda  # a CPU call on 16384 x 4096 rows: tens of ms (torch: seconds)
-            n = max(3, reps // 3) if slow else reps
-            row[f"{name}_us"] = H.time_per_call_us(fn, reps=n, warmup=(1 if name == "torch" else 2) if slow else 5)
-            if name in ("mixed", "loop") and mode == "fwd":
-                row[f"{name}_calls"] = count_calls(fn, fused)
-            case.clear_grads()
-        floor = case.floor_bytes(mode)
-        row["floor_MB"] = floor / 1e6
-        row["floor_us"] = floor / (bw * 1e9) * 1e6
+            got = res.get(f"{name}|{mode}", {}).get("us")
+            if got:
+                row[f"{name}_us"] = statistics.median(got)
+                if name == "mixed":
+                    row["mixed_spread_pct"] = H.spread_pct(got)
+            if name in ("mixed", "loop") and mode == "fwd" and name in fns:
+                row[f"{name}_calls"] = count_calls(fns[name][mode], fused)
+        row["floor_MB"] = case.floor_bytes(mode) / 1e6  # (floor_us: main, once the bandwidth is known)
         m = row.get("mixed_us")
         if m:
-            row["mixed_over_floor"] = m / row["floor_us"]
             for other in ("loop", "torch", "mixed-per-type"):
                 if f"{other}_us" in row:
                     row[f"{other}_over_mixed"] = row[f"{other}_us"] / m
@@ -282,7 +330,7 @@ def measure(case: Case, fused: str, modes, reps, bw, names):
 
 
 COLUMNS = ["bank", "A", "N", "d", "r", "dtype", "mode", "mixed_us", "loop_us", "torch_us", "single_us", "mixed-per-type_us",
-           "floor_MB", "floor_us", "mixed_calls", "loop_calls", "mixed_over_floor", "loop_over_mixed", "torch_over_mixed", "mixed_over_single",
+           "mixed_spread_pct", "floor_MB", "floor_us", "mixed_calls", "loop_calls", "mixed_over_floor", "loop_over_mixed", "torch_over_mixed", "mixed_over_single",
            "mixed-per-type_over_mixed"]
 
 
@@ -293,7 +341,7 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--r", type=int, default=4)
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per figure (default 30 GPU, 10 CPU)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up one (default 3 GPU, 2 CPU)")
     ap.add_argument("--no-types", action="store_true", help="skip the six-types rows (one call vs one per type)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
     a = ap.parse_args(argv)
@@ -306,10 +354,11 @@ def main(argv=None):
     if not cuda and not rk.extension.available():
         return print(f"  adapters: skipped, the C++ extension is unavailable ({rk.extension.load()[1]})")
     env = H.environment()
-    reps = a.reps or (30 if cuda else 10)
+    rounds = a.rounds or (3 if cuda else 2)
     out = []
+    bandwidth = H.copy_bandwidth_gbps if cuda else cpu_copy_bandwidth_gbps
     with H.cpu_threads(1):
-        bw = H.copy_bandwidth_gbps() if cuda else cpu_copy_bandwidth_gbps()
+        bw0 = bandwidth()
         cases = [("loreft", A, N) for N in a.n for A in a.A if N % A == 0]
         if not a.no_types:
             cases += [("six", 60, N) for N in a.n]  # 10 adapters of each type
@@ -317,11 +366,20 @@ def main(argv=None):
             n_eff = N - N % A
             case = Case(A, n_eff, a.d, a.r, dtype, device, types=kind)
             names = ["mixed", "loop", "torch", "single"] if kind == "loreft" else ["mixed", "mixed-per-type"]
-            out += measure(case, fused, a.modes, reps, bw, names)
+            out += measure(case, fused, a.modes, rounds, names, skipped)
             del case
             if cuda:
                 torch.cuda.empty_cache()
-    env["copy_bandwidth_GBps"] = f"{bw:.0f}" + ("" if cuda else " (CPU, 256 MB copy)")
+        # the floor at the higher of two bandwidth measurements (start and end of the run): other load on the
+        # machine lowers a measurement, and a low one would flatter the ratios
+        bw1 = bandwidth()
+    bw = max(bw0, bw1)
+    for row in out:
+        row["floor_us"] = row["floor_MB"] * 1e6 / (bw * 1e9) * 1e6
+        if "mixed_us" in row:
+            row["mixed_over_floor"] = row["mixed_us"] / row["floor_us"]
+    env["copy_bandwidth_GBps"] = (f"{bw:.1f} (the higher of {bw0:.1f} at the start and {bw1:.1f} at the end)" +
+                                  ("" if cuda else "; CPU, 256 MB copy"))
     notes = __doc__.split("\n", 1)[1]
     if not cuda:
         notes += ("\nCPU run: fused = the C++ CPU kernels (backend cpp), fp32 rows, one torch thread. The Triton "

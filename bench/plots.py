@@ -396,7 +396,52 @@ def plot_pyreft_dropin(rows, env, out_dir: Path, suite: str = "pyreft_dropin") -
                     out_dir / f"{suite}.png")]
 
 
+def plot_adapters(rows, env, out_dir: Path, suite: str = "adapters") -> list[Path]:
+    """Time against A (distinct adapters in the batch) per provider, one panel per N, the floor dashed; one
+    figure per mode. (Saved here rather than through _finish: on a CPU this suite times the fused C++ kernels,
+    which _finish's CPU footnote does not describe.)"""
+    plt = _plt()
+    paths = []
+    rows = [r for r in rows if r.get("bank") == "loreft"]
+    for mode in dict.fromkeys(r.get("mode") for r in rows):
+        sel = [r for r in rows if r.get("mode") == mode]
+        ns = sorted({int(_num(r["N"])) for r in sel if _num(r.get("N")) is not None})
+        if not ns:
+            continue
+        fig, axes = plt.subplots(1, len(ns), figsize=(5.2 * len(ns), 4.6), squeeze=False)
+        for ax, n in zip(axes[0], ns):
+            part = sorted((r for r in sel if _num(r.get("N")) == n), key=lambda r: _num(r.get("A")) or 0)
+            for k, name in enumerate(("mixed", "loop", "torch")):
+                pts = [(_num(r.get("A")), _num(r.get(f"{name}_us"))) for r in part]
+                pts = [p for p in pts if p[0] is not None and p[1] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", color=_color(name, k), label=name, lw=1.8)
+            floor = [(_num(r.get("A")), _num(r.get("floor_us"))) for r in part]
+            floor = [p for p in floor if p[0] is not None and p[1] is not None]
+            if floor:
+                ax.plot(*zip(*floor), "--", color="black", lw=1.4, label="floor (rows + touched bank slices)")
+            _pow2_ticks(ax, [p[0] for p in floor] or [1])
+            ax.set_yscale("log")
+            ax.set_xlabel("A (distinct adapters in the batch)")
+            ax.set_ylabel("time per call (µs)")
+            ax.set_title(f"N = {n} edited rows", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        dims = ", ".join(f"{k} = {sel[0][k]}" for k in ("d", "r", "dtype") if k in sel[0])
+        fig.suptitle(f"mixed-adapter batches, LoReFT {dims}, {mode}\n{_subtitle(env)}", fontsize=10)
+        fig.text(0.01, 0.005, "mixed: one call of the mixed-adapter op; loop: today's single-adapter op once per "
+                 "adapter; torch: gather/bmm/scatter. Lower is better.", fontsize=7.5, color="0.3", ha="left",
+                 va="bottom", wrap=True)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        path = out_dir / f"{suite}_{mode.replace('+', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 PLOTTERS: dict[str, Callable] = {
+    "adapters": plot_adapters,
     "ops": plot_ops,
     "orthonormal": plot_orthonormal,
     "train_step": plot_train_step,

@@ -3,13 +3,14 @@
 #   the test suite on the GPU (bf16 too), then the op benchmark (with pyreft beside it when its wheels are
 #   carried) and, with --tune, the block-shape sweep. Logs and a tarball of bench/results go to $OUT.
 # Usage (repo root, on the GPU machine):  bash scripts/gpu_check.sh [--tests-only|--bench-only] [--tune]
-#                                          [--suites=ops,orthonormal,convergence,train_step,generate,pyreft_dropin]
+#                                          [--suites=ops,orthonormal,convergence,train_step,generate,pyreft_dropin,adapters]
 # The CUDA host path (csrc/edit_cuda.cu) is built with nvcc on first use, by tests/test_cuda_host.py and by
 # the ops suite's small-N figures: expect about a minute once per machine (cached under TORCH_EXTENSIONS_DIR;
 # a later call that gets a fresh machine builds it again).
 # One device call runs at most 10 minutes; tests plus the whole benchmark will not fit in one, and the
 # benchmark alone has not been timed on a GPU yet. Split it, e.g.
-#   --tests-only;  --bench-only --suites=ops,orthonormal,convergence;  --bench-only --suites=train_step,generate,pyreft_dropin
+#   --tests-only;  --bench-only --suites=ops,orthonormal,convergence;  --bench-only --suites=train_step,generate,pyreft_dropin;
+#   --bench-only --suites=adapters
 # Carried folders (ignored by git): .gpu/whl (expecttest, which opcheck needs; accelerate, which the Trainer
 # tests need; matplotlib and its wheels for the plots, optional: without it the suites note "not drawn")
 # and .gpu/pyreft-whl (pyreft, pyvene, transformers 4.45.1 and friends: ../shared/tools/pyreft-wheels.sh).

@@ -162,7 +162,6 @@ def jobs():
         yield "_edit_bwd_project_rows_kernel", dt, r, dict(SOURCE_LINEAR=kind["SOURCE_LINEAR"], ACT=3, DROPOUT=True,
                                                            ROW_MAJOR=True), d
     yield "_sum_partials_kernel", "fp32", 4, {}
-    yield from mixed_jobs()
     # the batched orthonormalization, up to the largest rank it serves
     for name, r, d in itertools.product(["_gram_partial_kernel", "_cholqr_apply_kernel", "_cholqr_grad_kernel"],
                                         [1, 4, 32, orth.MAX_TRITON_RANK], [100, 4096, 16384]):
@@ -170,20 +169,21 @@ def jobs():
 
 
 def mixed_jobs():
-    """The mixed-adapter kernels: the generic variants (types and activation per adapter, dropout, saves) and a
-    specialized one (one type and activation compiled in), at the launchers' GPU blocks for d = 4096 (and
-    ROWS_MAX_D = 8192 for the row-resident ones, which serve r <= 16), r up to 64."""
+    """The mixed-adapter kernels at the launchers' GPU blocks: the generic variants (types and activation per
+    adapter, dropout, saves; fp32 and bf16) and, in bf16, a specialized one (one activation compiled in, no
+    dropout); the tile kernels at r_pad = 16, 32, 64 (d = 4096; r = 1 compiles as r = 16: the bank's rank is a
+    runtime argument), the row-resident ones (r <= 16) at d = 4096 and ROWS_MAX_D = 8192."""
     generic = dict(MAY_SP=True, ACT=-1, HAS_WEIGHT=True, HAS_PROJ_BIAS=True, DROPOUT=True)
     special = dict(MAY_SP=True, ACT=0, HAS_WEIGHT=True, HAS_PROJ_BIAS=False, DROPOUT=False)
-    for dt, flags in itertools.product(["bf16", "fp32"], [generic, special]):
+    for dt, flags in [("bf16", generic), ("fp32", generic), ("bf16", special)]:
         fwd = dict(flags, SAVE_ROWS=True, SAVE_STATS=True)
         step1 = {k: flags[k] for k in ("MAY_SP", "ACT", "HAS_WEIGHT", "DROPOUT")}
-        for r, d in itertools.product([1, 16], [4096, me.ROWS_MAX_D]):
-            for own_mode, per_slot in [(0, True), (2, True)] if flags is generic else [(1, True)]:
-                yield "_mixed_fwd_rows_kernel", dt, r, dict(fwd, OWN_MODE=own_mode, PER_SLOT_IDS=per_slot), d
-            yield "_mixed_bwd_project_rows_kernel", dt, r, dict(step1, OWN_MODE=0, PER_SLOT_IDS=True, ROW_MAJOR=True,
-                                                                WRITE_DX=True), d
-        for r in [1, 16, 32, 64]:
+        for d in [4096, me.ROWS_MAX_D]:
+            for own_mode in [0, 2] if flags is generic else [1]:
+                yield "_mixed_fwd_rows_kernel", dt, 16, dict(fwd, OWN_MODE=own_mode, PER_SLOT_IDS=True), d
+            yield "_mixed_bwd_project_rows_kernel", dt, 16, dict(step1, OWN_MODE=0, PER_SLOT_IDS=True, ROW_MAJOR=True,
+                                                                 WRITE_DX=True), d
+        for r in [16, 32, 64]:
             yield "_mixed_fwd_kernel", dt, r, dict(fwd, OWN_MODE=0, PER_SLOT_IDS=True)
             yield "_mixed_bwd_project_kernel", dt, r, dict(step1, OWN_MODE=2, PER_SLOT_IDS=True, ROW_MAJOR=True,
                                                            WRITE_DX=True)
@@ -191,15 +191,16 @@ def mixed_jobs():
                 yield "_mixed_bwd_main_kernel", dt, r, dict(
                     {k: flags[k] for k in ("MAY_SP", "HAS_WEIGHT", "HAS_PROJ_BIAS", "DROPOUT")}, RECOMPUTE=recompute,
                     WRITE_DX=True)
-    for r in [1, 16, 64]:
+    for r in [16, 64]:
         yield "_mixed_bwd_fixup_kernel", "fp32", r, dict(HAS_WEIGHT=True, HAS_PROJ_BIAS=True)
     yield "_claim_rows_kernel", "fp32", 4, {}
 
 
-def unique_jobs():
-    """jobs() without repeats (the backward step 1 only depends on SOURCE_LINEAR among the type flags)."""
+def unique_jobs(which: str = "single"):
+    """jobs() (which="single": the single-adapter op and the orthonormalization) or mixed_jobs() (which="mixed")
+    without repeats (the backward step 1 only depends on SOURCE_LINEAR among the type flags)."""
     seen, out = set(), []
-    for job in jobs():
+    for job in (mixed_jobs() if which == "mixed" else jobs()):
         key = repr(job)
         if key not in seen:
             seen.add(key)
@@ -208,8 +209,9 @@ def unique_jobs():
 
 
 if __name__ == "__main__":
+    # argument: "single" (default) or "mixed" (the mixed-adapter kernels, also checked for register spills)
     with ProcessPoolExecutor(max_workers=int(os.environ.get("COMPILE_WORKERS", "2"))) as pool:
-        results = list(pool.map(_compile, unique_jobs()))
+        results = list(pool.map(_compile, unique_jobs(sys.argv[1] if len(sys.argv) > 1 else "single")))
     for _, line in results:
         print(line)
     failed = sum(not ok for ok, _ in results)

@@ -80,9 +80,10 @@ def mixed_reference(hidden, positions, ids, adapters, keep=None):
     return out[0] if flat else out
 
 
-def run(backend, hidden, positions, ids, adapters, dtype, grad, *, flat, grad_hidden=True, **kw):
+def run(backend, hidden, positions, ids, adapters, dtype, grad, *, flat, grad_hidden=True, param_dtype=None, **kw):
     """(output, hidden gradient, then every adapter's parameter gradients in order) of the op on leaf copies."""
-    ps = leaves(adapters, torch.float64 if backend == "torch" and dtype == torch.float64 else torch.float32)
+    ps = leaves(adapters, param_dtype or (torch.float64 if backend == "torch" and dtype == torch.float64
+                                          else torch.float32))
     bank = bank_of(ps)
     h = hidden.detach().to(DEVICE, dtype).requires_grad_(grad_hidden)
     x = h * 1 if grad_hidden else h.clone()
@@ -161,6 +162,40 @@ def test_half_precision_rows_and_recompute(backend):
         check(got, want, torch.float16, f"{backend} fp16 recompute={recompute}", scale=2.0)
         got = run(backend, hidden, pos, ids, adapters, torch.float32, grad, flat=flat, recompute=recompute)
         check(got, want, torch.float32, f"{backend} fp32 recompute={recompute}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_half_precision_bank(backend):
+    """A bank stored in fp16 (the C++ kernels widen only the slices a call touches): computed in fp32,
+    gradients in fp16."""
+    hidden, pos, ids, adapters, grad, flat = inputs(CASES[0], seed=4)
+    want = reference(hidden, pos, ids, adapters, grad)
+    got = run(backend, hidden, pos, ids, adapters, torch.float16, grad, flat=flat, param_dtype=torch.float16)
+    assert all(g.dtype == torch.float16 for g in got[2:])
+    check(got, want, torch.float16, f"{backend} fp16 bank", scale=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_hidden(backend):
+    """Strided views as models produce them: d not the innermost dimension (batched), a row stride of 2 rows
+    (flat)."""
+    for case, view in ((CASES[2], lambda base: base.transpose(1, 2)), (CASES[0], lambda base: base[::2])):
+        hidden, pos, ids, adapters, grad, flat = inputs(case, seed=5)
+        want = reference(hidden, pos, ids, adapters, grad)
+        if flat:
+            base = torch.randn(2 * hidden.shape[0], hidden.shape[1], dtype=torch.float64)
+            base[::2] = hidden
+        else:
+            base = hidden.transpose(1, 2).contiguous()
+        base = base.to(DEVICE, torch.float32).requires_grad_(True)
+        x = view(base * 1)
+        assert not x.is_contiguous()
+        ps = leaves(adapters, torch.float32)
+        fn = rk.mixed_reft_edit_flat if flat else rk.mixed_reft_edit
+        out = fn(x, pos, ids, bank_of(ps), backend=backend)
+        out.backward(grad.to(DEVICE, torch.float32))
+        got = [out.detach(), view(base.grad)] + [p[k].grad for p in ps for k in PARAMS if p[k] is not None]
+        check(got, want, torch.float32, f"{backend} strided {'flat' if flat else 'batched'}", scale=4.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -491,7 +526,7 @@ def test_triton_ops_check_their_own_inputs():
             bank.ranks, bank.dropout, 0, True, False, 0, 0, False]
     with pytest.raises(ValueError, match=r"adapter_ids must be \[B\] = \[2\] or \[B, P\]"):
         torch.ops.reft_kernels.mixed_fwd(*args[:2], torch.tensor([0, 0, 0], device=DEVICE), *args[3:])
-    with pytest.raises(ValueError, match=r"weight must be \[A, r, d\]"):
+    with pytest.raises(ValueError, match=r"weight must be \[1, 2, 16\]"):
         torch.ops.reft_kernels.mixed_fwd(*args[:4], t[1][:, :1], *args[5:])
     with pytest.raises(ValueError, match=r"ranks must be \[A\] = \[1\] torch.int32"):
         torch.ops.reft_kernels.mixed_fwd(*args[:8], bank.ranks.long(), *args[9:])
@@ -632,3 +667,20 @@ def test_torch_backend_gradcheck_float64():
 
     h = torch.randn(2, 5, d, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(f, (h, *flat_params))
+
+
+def test_activation_without_a_fused_kernel_runs_the_torch_backend():
+    """A bank holding an ACT2FN name the kernels lack: backend=None warns once and runs the torch reference
+    (exact against the per-row reference), an explicit fused backend raises."""
+    gen = torch.Generator().manual_seed(18)
+    d = 24
+    adapters = [make_adapter("loreft", 3, d, gen, act="mish"), make_adapter("direft", 2, d, gen, act="gelu")]
+    hidden = torch.randn(2, 5, d, dtype=torch.float64, generator=gen)
+    pos = torch.tensor([[0, 3], [1, 4]])
+    ids = torch.tensor([[0, 1], [1, 0]])
+    bank = bank_of(leaves(adapters, torch.float32, "cpu"))
+    with pytest.raises(ValueError, match="act='mish' has no fused kernel"):
+        rk.mixed_reft_edit(hidden.float(), pos, ids, bank, backend=FUSED[0])
+    with pytest.warns(UserWarning, match="no fused kernel"):
+        out = rk.mixed_reft_edit(hidden.float(), pos, ids, bank)
+    assert_close(out, mixed_reference(hidden, pos, ids, adapters), torch.float32, "mish via torch")

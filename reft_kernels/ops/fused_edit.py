@@ -537,17 +537,7 @@ if _backend.HAS_TRITON:
             g = g_raw.to(tl.float32)
             if DROPOUT:
                 g = _keep_scale(g, n, cols, d, seed, p_drop)
-            sm = edited[:, None] & r_ok[None, :]
-            st = n[:, None] * (2 * R_PAD) + rr[None, :]
-            delta = tl.load(STATS + st + R_PAD, mask=sm, other=0.0)
-            d_delta = tl.load(SCRATCH + st, mask=sm, other=0.0)
-            dz = tl.load(SCRATCH + st + R_PAD, mask=sm, other=0.0)
-            # the same small rows transposed, loaded again (L1 hits) rather than tl.trans'd through shared memory
-            smt = r_ok[:, None] & edited[None, :]
-            stt = n[None, :] * (2 * R_PAD) + rr[:, None]
-            delta_t = tl.load(STATS + stt + R_PAD, mask=smt, other=0.0)
-            d_delta_t = tl.load(SCRATCH + stt, mask=smt, other=0.0)
-            dz_t = tl.load(SCRATCH + stt + R_PAD, mask=smt, other=0.0)
+            delta, d_delta, dz, delta_t, d_delta_t, dz_t = _slot_stats(STATS, SCRATCH, n, edited, r_ok, R_PAD)
             if SOURCE_LINEAR or SUBTRACT_PROJ:
                 if RECOMPUTE:
                     y = tl.load(U + (i * stride_ub + t * stride_ut)[:, None] + cols64[None, :] * stride_ud, mask=em, other=0.0)
@@ -584,6 +574,20 @@ if _backend.HAS_TRITON:
         tl.store(part + n_mats * r * d + rr, acc_b, mask=r_ok & first_cblk)
         if HAS_PROJ_BIAS:
             tl.store(part + n_mats * r * d + r + rr, acc_pb, mask=r_ok & first_cblk)
+
+    @triton.jit
+    def _slot_stats(STATS, SCRATCH, n, rows, r_ok, R_PAD: tl.constexpr):
+        """Backward step 2's r-vectors of slots n (where rows): delta (the forward's stats), d_delta and dz
+        (step 1's scratch), each [BLOCK_N, R_PAD] and transposed [R_PAD, BLOCK_N]; the transposes are loaded
+        again (L1 hits) rather than tl.trans'd through shared memory."""
+        rr = tl.arange(0, R_PAD)
+        sm = rows[:, None] & r_ok[None, :]
+        st = n[:, None] * (2 * R_PAD) + rr[None, :]
+        smt = r_ok[:, None] & rows[None, :]
+        stt = n[None, :] * (2 * R_PAD) + rr[:, None]
+        return (tl.load(STATS + st + R_PAD, mask=sm, other=0.0), tl.load(SCRATCH + st, mask=sm, other=0.0),
+                tl.load(SCRATCH + st + R_PAD, mask=sm, other=0.0), tl.load(STATS + stt + R_PAD, mask=smt, other=0.0),
+                tl.load(SCRATCH + stt, mask=smt, other=0.0), tl.load(SCRATCH + stt + R_PAD, mask=smt, other=0.0))
 
     @triton.jit
     def _sum_partials_kernel(

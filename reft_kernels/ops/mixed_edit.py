@@ -45,10 +45,16 @@ rows nobody edits), step 2 (chunks of the sorted slots x column blocks: the hidd
 and each run's parameter sums, written straight to its adapter when the run lies in one chunk), and a fix-up
 that adds the pieces of adapters cut by chunk boundaries in a fixed order (and zeros untouched adapters).
 
-Different types in one call: runtime per-adapter flags in the same launch (the kernels branch per adapter
-run; a bank whose adapters share one type and activation, bank.spec, compiles them in instead). On the C++
-kernels one launch with runtime flags against one launch per type present: see bench/bench_adapters.py
-(provider mixed-per-type) and README.
+Bytes (Triton): the forward reads and writes the edited rows (and saves a copy of them when a gradient is
+needed, unless recompute) and reads each adapter's slices once per block of rows holding that adapter;
+the backward reads the incoming gradient twice and the saved rows once and writes the hidden gradient, as
+the single-adapter op does, and writes every adapter's gradient once (zeros for adapters no row uses).
+
+Different types in one call: runtime per-adapter flags in the same launch (each adapter run branches on
+its own flags; a bank compiles in only what holds for all its adapters: the activation when they share
+one, no weight term when none has a linear source, no subtraction when none subtracts). On the C++ kernels
+one launch with runtime flags against one launch per type present: bench/bench_adapters.py (provider
+mixed-per-type) measures both, README gives the figures; the single launch is kept.
 
 The C++ CPU kernels are csrc/mixed_cpu.cpp (backend="cpp", reft_kernels_cpp::mixed_fwd / mixed_bwd /
 mixed_edit), built by reft_kernels/extension.py with the single-adapter ones.
@@ -508,6 +514,18 @@ if _backend.HAS_TRITON:
         tl.atomic_min(OWNER + tl.where(live, t, 0), n, mask=live)
 
     @triton.jit
+    def _any(todo):
+        return tl.max(todo.to(tl.int32), axis=0) > 0
+
+    @triton.jit
+    def _next_run(todo, a, A):
+        """The smallest adapter a0 among the rows still to do, its rows (sel), and the rows left after them: the
+        kernels take a block's adapters one at a time (rows in order hold one, or a few, adapters)."""
+        a0 = tl.min(tl.where(todo, a, A), axis=0)
+        sel = todo & (a == a0)
+        return a0, sel, todo & (a != a0)
+
+    @triton.jit
     def _kind(KINDS, a):
         """(source_linear, subtract_proj, activation code) of adapter a (a scalar or a vector), from kinds."""
         k = tl.load(KINDS + a)
@@ -621,9 +639,8 @@ if _backend.HAS_TRITON:
             acc_z = tl.zeros((BLOCK_N, R_PAD), tl.float32)
             acc_q = tl.zeros((BLOCK_N, R_PAD), tl.float32)
             todo = own
-            while tl.max(todo.to(tl.int32), axis=0) > 0:
-                a0 = tl.min(tl.where(todo, a, A), axis=0)
-                sel = todo & (a == a0)
+            while _any(todo):
+                a0, sel, todo = _next_run(todo, a, A)
                 sl0, sp0, _c0 = _kind(KINDS, a0)
                 r0 = tl.minimum(tl.load(RANKS + a0), R)
                 base = a0.to(tl.int64) * Rd
@@ -637,21 +654,18 @@ if _backend.HAS_TRITON:
                         if sp0:
                             lk = tl.load(L + base + k * d + cols, mask=c_ok, other=0.0).to(tl.float32)
                             acc_q = tl.where(hit, tl.sum(x * lk[None, :], axis=1)[:, None], acc_q)
-                todo = todo & (a != a0)
             z, delta = _delta_rows(acc_z, acc_q, a, own, rr, BIAS, PBIAS, KINDS, RANKS, R, MAY_SP, ACT,
                                    HAS_WEIGHT, HAS_PROJ_BIAS)
             y = x
             todo = own
-            while tl.max(todo.to(tl.int32), axis=0) > 0:
-                a0 = tl.min(tl.where(todo, a, A), axis=0)
-                sel = todo & (a == a0)
+            while _any(todo):
+                a0, sel, todo = _next_run(todo, a, A)
                 r0 = tl.minimum(tl.load(RANKS + a0), R)
                 base = a0.to(tl.int64) * Rd
                 for k in range(0, r0):
                     lk = tl.load(L + base + k * d + cols, mask=c_ok, other=0.0).to(tl.float32)
                     dk = tl.sum(tl.where(sel[:, None] & (rr[None, :] == k), delta, 0.0), axis=1)
                     y += dk[:, None] * lk[None, :]
-                todo = todo & (a != a0)
             if DROPOUT:
                 p = tl.load(DROP + tl.where(own, a, 0), mask=own, other=0.0)
                 y = _keep_scale_rows(y, n, cols, d, seed, p)
@@ -696,9 +710,8 @@ if _backend.HAS_TRITON:
         acc_z = tl.zeros((BLOCK_N, R_PAD), tl.float32)
         acc_q = tl.zeros((BLOCK_N, R_PAD), tl.float32)
         todo = own
-        while tl.max(todo.to(tl.int32), axis=0) > 0:  # pass 1: the projections, adapter by adapter
-            a0 = tl.min(tl.where(todo, a, A), axis=0)
-            sel = todo & (a == a0)
+        while _any(todo):  # pass 1: the projections, adapter by adapter
+            a0, sel, todo = _next_run(todo, a, A)
             sl0, sp0, _c0 = _kind(KINDS, a0)
             pm_r = rr < tl.minimum(tl.load(RANKS + a0), R)
             base = a0.to(tl.int64) * Rd
@@ -716,7 +729,6 @@ if _backend.HAS_TRITON:
                     if sp0:
                         lp = tl.load(L + base + rr[:, None] * d + cols[None, :], mask=pm, other=0.0).to(tl.float32)
                         acc_q = tl.dot(x, tl.trans(lp), acc_q, input_precision=DOT_PRECISION)
-            todo = todo & (a != a0)
         z, delta = _delta_rows(acc_z, acc_q, a, own, rr, BIAS, PBIAS, KINDS, RANKS, R, MAY_SP, ACT,
                                HAS_WEIGHT, HAS_PROJ_BIAS)
         if SAVE_STATS:
@@ -731,14 +743,12 @@ if _backend.HAS_TRITON:
             x_raw = tl.load(ptr, mask=m, other=0.0)
             y = x_raw.to(tl.float32)
             todo = own
-            while tl.max(todo.to(tl.int32), axis=0) > 0:
-                a0 = tl.min(tl.where(todo, a, A), axis=0)
-                sel = todo & (a == a0)
+            while _any(todo):
+                a0, sel, todo = _next_run(todo, a, A)
                 pm_r = rr < tl.minimum(tl.load(RANKS + a0), R)
                 lc = tl.load(L + a0.to(tl.int64) * Rd + rr[:, None] * d + cols[None, :], mask=pm_r[:, None] & c_ok[None, :],
                              other=0.0).to(tl.float32)
                 y = tl.dot(tl.where(sel[:, None], delta, 0.0), lc, y, input_precision=DOT_PRECISION)
-                todo = todo & (a != a0)
             if DROPOUT:
                 y = _keep_scale_rows(y, n, cols, d, seed, p)
             tl.store(ptr, y.to(X.dtype.element_ty), mask=m)
@@ -822,15 +832,13 @@ if _backend.HAS_TRITON:
                 g = _keep_scale_rows(g, n, cols, d, seed, p)
             acc = tl.zeros((BLOCK_N, R_PAD), tl.float32)
             todo = edited
-            while tl.max(todo.to(tl.int32), axis=0) > 0:
-                a0 = tl.min(tl.where(todo, a, A), axis=0)
-                sel = todo & (a == a0)
+            while _any(todo):
+                a0, sel, todo = _next_run(todo, a, A)
                 r0 = tl.minimum(tl.load(RANKS + a0), R)
                 base = a0.to(tl.int64) * Rd
                 for k in range(0, r0):
                     lk = tl.load(L + base + k * d + cols, mask=c_ok, other=0.0).to(tl.float32)
                     acc = tl.where(sel[:, None] & (rr[None, :] == k), tl.sum(g * lk[None, :], axis=1)[:, None], acc)
-                todo = todo & (a != a0)
             _store_d_delta(acc, STATS, SCRATCH, KEYS, n, a, edited, rr, KINDS, RANKS, R, ACT, HAS_WEIGHT,
                            R_PAD)
 
@@ -886,14 +894,12 @@ if _backend.HAS_TRITON:
             if DROPOUT:
                 g = _keep_scale_rows(g, n, cols, d, seed, p)
             todo = edited
-            while tl.max(todo.to(tl.int32), axis=0) > 0:
-                a0 = tl.min(tl.where(todo, a, A), axis=0)
-                sel = todo & (a == a0)
+            while _any(todo):
+                a0, sel, todo = _next_run(todo, a, A)
                 pm_r = rr < tl.minimum(tl.load(RANKS + a0), R)
                 lc = tl.load(L + a0.to(tl.int64) * Rd + rr[:, None] * d + cols[None, :], mask=pm_r[:, None] & c_ok[None, :],
                              other=0.0).to(tl.float32)
                 acc = tl.dot(tl.where(sel[:, None], g, 0.0), tl.trans(lc), acc, input_precision=DOT_PRECISION)
-                todo = todo & (a != a0)
         _store_d_delta(acc, STATS, SCRATCH, KEYS, n, a, edited, rr, KINDS, RANKS, R, ACT, HAS_WEIGHT,
                        R_PAD)
 
@@ -967,16 +973,7 @@ if _backend.HAS_TRITON:
                             other=0.0).to(tl.float32)
                 if DROPOUT:
                     g = _keep_scale_rows(g, n, cols, d, seed, tl.where(on, p0, 0.0))
-                sm = on[:, None] & r_ok[None, :]
-                st = n[:, None] * (2 * R_PAD) + rr[None, :]
-                delta = tl.load(STATS + st + R_PAD, mask=sm, other=0.0)
-                d_delta = tl.load(SCRATCH + st, mask=sm, other=0.0)
-                dz = tl.load(SCRATCH + st + R_PAD, mask=sm, other=0.0)
-                smt = r_ok[:, None] & on[None, :]
-                stt = n[None, :] * (2 * R_PAD) + rr[:, None]
-                delta_t = tl.load(STATS + stt + R_PAD, mask=smt, other=0.0)
-                d_delta_t = tl.load(SCRATCH + stt, mask=smt, other=0.0)
-                dz_t = tl.load(SCRATCH + stt + R_PAD, mask=smt, other=0.0)
+                delta, d_delta, dz, delta_t, d_delta_t, dz_t = _fe._slot_stats(STATS, SCRATCH, n, on, r_ok, R_PAD)
                 if RECOMPUTE:
                     y = tl.load(U + (i * stride_ub + t * stride_ut)[:, None] + cols64[None, :] * stride_ud, mask=em,
                                 other=0.0)
@@ -1314,25 +1311,9 @@ def _check_op_inputs(x, x_name, positions, adapter_ids, lift, weight, bias, proj
     for name, t in (("positions", positions), ("adapter_ids", adapter_ids)):
         if t.dtype not in _v.INDEX_DTYPES:
             raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-    _check_bank_shapes(lift, weight, bias, proj_bias, kinds, ranks, dropout, x.shape[-1])
-    for name, t in (("positions", positions), ("adapter_ids", adapter_ids), ("lift", lift), ("weight", weight),
-                    ("bias", bias), ("proj_bias", proj_bias), ("kinds", kinds), ("ranks", ranks), ("dropout", dropout)):
-        if t is not None and t.device != x.device:
+        if t.device != x.device:
             raise ValueError(f"{name} must be on {x_name}'s device {x.device}, got {t.device}")
-
-
-def _check_bank_shapes(lift, weight, bias, proj_bias, kinds, ranks, dropout, d):
-    if lift.dim() != 3 or lift.shape[2] != d:
-        raise ValueError(f"lift must be [A, r, d] with d = {d}, got shape {tuple(lift.shape)}")
-    A, R, _ = lift.shape
-    if weight is not None and weight.shape != lift.shape:
-        raise ValueError(f"weight must be [A, r, d] = {list(lift.shape)} (lift's shape), got {tuple(weight.shape)}")
-    for name, t in (("bias", bias), ("proj_bias", proj_bias)):
-        if t is not None and tuple(t.shape) != (A, R):
-            raise ValueError(f"{name} must be [A, r] = [{A}, {R}], got shape {tuple(t.shape)}")
-    for name, t, dt in (("kinds", kinds, torch.int32), ("ranks", ranks, torch.int32), ("dropout", dropout, torch.float32)):
-        if tuple(t.shape) != (A,) or t.dtype != dt:
-            raise ValueError(f"{name} must be [A] = [{A}] {dt}, got shape {tuple(t.shape)} {t.dtype}")
+    _v.check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, x)
     for name, t in (("lift", lift), ("weight", weight), ("bias", bias), ("proj_bias", proj_bias)):
         if t is not None and t.dtype not in _v.KERNEL_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16 for the fused kernels, got {t.dtype}")

@@ -177,7 +177,8 @@ def check_adapter_ids(ids, positions: torch.Tensor, hidden: torch.Tensor, num_ad
 
 def check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, hidden: torch.Tensor) -> None:
     """The bank's tensors agree with each other and with hidden: lift and weight [A, r, d] with hidden's d,
-    bias and proj_bias [A, r], kinds and ranks [A] int32, dropout [A] float32, all on hidden's device."""
+    bias and proj_bias [A, r], kinds and ranks [A] int32, dropout [A] float32, all on hidden's device (weight,
+    bias and proj_bias may be None: the backward has no bias)."""
     d = hidden.shape[-1]
     _need_tensor(lift, "lift")
     if lift.dim() != 3 or lift.shape[2] != d or lift.shape[1] < 1:
