@@ -484,7 +484,7 @@ def test_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(TypeError, match="list of adapter names"):
         reft(input_ids=ids, attention_mask=mask, adapter_names="b")
     # a mixed batch's locations are [B, the most interventions of its adapters (d: 2), P]
-    with pytest.raises(ValueError, match=r"n_interventions=2.*mixed batch of \['default', 'b', 'd'\]"):
+    with pytest.raises(ValueError, match=r"n_interventions=2.*mixed batch of \['b', 'd', 'default'\]"):
         reft(input_ids=ids, attention_mask=mask, adapter_names=["default", "b", "d"],
              intervention_locations=torch.zeros(3, 1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"n_interventions=4.*composition"):

@@ -88,7 +88,8 @@ class Adapter:
         sites: {(layer, component): (intervention indices at that site, in order)}.
         dim: the width. model_state: base-model tensors saved with it ("model.<module>.<name>": its
             unfrozen_modules), applied when it is attached to a model. source: the directory it was read
-            from (or None).
+            from (or None). base_model: what the directory says of the model it was trained on (ours:
+            hidden_size, num_layers, class, model_type, layers_path; pyreft's: hidden_size), or None.
     """
 
     def __init__(self, name: str, config: ReftConfig, dim: int, *, num_layers: Optional[int] = None,
@@ -122,6 +123,7 @@ class Adapter:
         self.sites = {s: tuple(v) for s, v in sites.items()}
         self.model_state: dict[str, torch.Tensor] = {}
         self.source: Optional[str] = None
+        self.base_model: Optional[dict] = None
 
     @property
     def num_interventions(self) -> int:
@@ -211,6 +213,7 @@ def from_saved(saved: _ckpt.SavedAdapter, name: str = DEFAULT, *, device=None, b
     _ckpt.check_tensors(saved, expected, castable=lambda key: key.startswith("model."))
     adapter.load_tensors(saved.tensors)
     adapter.source = saved.directory
+    adapter.base_model = dict(base)
     return adapter
 
 
@@ -235,9 +238,7 @@ def read_adapter(path: PathLike, *, name: str = DEFAULT, verify: bool = True, de
         raise TypeError(f"{os.fspath(path)} is a reft_kernels adapter (its config stores everything); "
                         f"{sorted(pyreft_options)} apply to pyreft checkpoints only")
     saved = _ckpt.read(path, verify=verify)
-    adapter = from_saved(saved, name, device=device, backend=backend)
-    adapter.base_model = dict(saved.base_model)
-    return adapter
+    return from_saved(saved, name, device=device, backend=backend)
 
 
 

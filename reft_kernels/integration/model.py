@@ -546,7 +546,7 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
             return self._single(tuple(self._active), intervention_locations, batch, mask, device) + (None, None)
         names = self._row_names(adapter_names, batch)
         present = set(names)
-        used = tuple(n for n in self._registry if n in present)
+        used = tuple(sorted(present - {BASE}))  # (sorted: one plan per set of adapters, no loop over all of them)
         if not used:
             return None, None, None, None
         base = BASE in present

@@ -504,6 +504,7 @@ def read_pyreft(directory: PathLike, *, name: str = DEFAULT, dim: Optional[int] 
         m._cache = None
     adapter.model_state = {f"model.{k}": v for k, v in model_state.items()}
     adapter.source = directory
+    adapter.base_model = {"hidden_size": dim}
     return adapter
 
 
