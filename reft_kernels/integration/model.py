@@ -9,18 +9,23 @@
     out = reft.generate(input_ids=prompt, attention_mask=prompt_mask, intervention_locations=locs,
                         max_new_tokens=32)
     reft.save_pretrained("adapter/"); reft = rk.ReftModel.from_pretrained(model, "adapter/")
+    reft.load_adapter("other/", adapter_name="other")                # named adapters: integration/adapters.py
+    out = reft.generate(**batch, adapter_names=["default", "other", "__base__"], max_new_tokens=32)  # per row
 
 How it runs (and what it fixes in pyreft, ../shared/notes/reft-semantics.md)
-- One hook per (layer, component) site, registered once at construction and removed only by
-  ReftModel.remove_hooks() (never other libraries' hooks). A site applies its interventions in order, each
+- One hook per (layer, component) site any adapter edits, registered when the first adapter editing it is
+  added, removed when the last one is deleted or by ReftModel.remove_hooks() (never other libraries'
+  hooks). A site applies the call's edits in order (its plan: integration/plans.py; one adapter's
+  interventions, several composed ones in turn, or one mixed-op launch per slot for a mixed batch), each
   editing the hidden states in place at its positions with the fused op: no clone of the activation.
 - Per-call state (the locations, where the current forward's tokens start) lives in a ContextVar set by
   forward and generate: two threads running two batches never see each other's positions, and a base-model call
   outside ReftModel runs unedited.
-- Locations stay on the device: one transpose + copy per forward, then a view per intervention; no
-  Python lists, no host sync.
-- Every trainable orthonormal R of the adapter is computed once per forward or generate call, all in one
-  batched group (reft_kernels.orthonormal_batch); a frozen adapter's R comes from each module's cache.
+- Locations stay on the device: one transpose + copy per forward, then a view per intervention (a mixed
+  batch: one gather per call for every site's positions and bank rows); no Python lists, no host sync.
+  Omitted, they come from each adapter's position scheme and the (prompt's) attention mask.
+- Every trainable orthonormal R of the call's adapters is computed once per forward or generate call, all in
+  one batched group (reft_kernels.orthonormal_batch); a frozen adapter's R comes from each module's cache.
 - Gradient checkpointing: the checkpoint function of the base model is wrapped so that the recomputation
   in the backward sees the same per-call state (pyreft's recomputation runs without its hooks).
 - Edits follow absolute positions. Before each forward of the base model a pre-hook reads where this
@@ -39,13 +44,14 @@ How it runs (and what it fixes in pyreft, ../shared/notes/reft-semantics.md)
 - pyreft's call forms (reft.generate(prompt, unit_locations=..., intervene_on_prompt=True) and `_, out = `)
   are converted where unambiguous and refused with what to pass otherwise: integration/pyreft_calls.py.
 - eval()/train() reach the interventions (dropout is off in eval).
-- state_dict() is the adapter only (interventions and unfrozen modules): Trainer checkpoints hold the
-  adapter, not a copy of the frozen model. save_pretrained / from_pretrained: integration/checkpoint.py (an
-  integrity record; every tensor checked against the config at load).
+- state_dict() is the adapters only (interventions and unfrozen modules): Trainer checkpoints hold the
+  adapters, not a copy of the frozen model. save_pretrained / from_pretrained: integration/checkpoint.py (an
+  integrity record; every tensor checked against the config at load), one directory per adapter.
 - forward's signature, as inspect.signature shows it, lists the base model's inputs: transformers' Trainer
   keeps the dataset columns that name one, so remove_unused_columns=False is not needed.
 - Several ReftModels on one base model: each one's hooks edit only in its own calls; building another on a
-  base that still carries hooks warns (integration/model.py, _register_on_base).
+  base that still carries hooks warns (integration/model.py, _register_on_base). Several adapters on one
+  model: one ReftModel holding them by name (integration/adapters.py).
 """
 from __future__ import annotations
 
