@@ -516,6 +516,9 @@ def test_errors_name_what_is_wrong(tmp_path):
             with pytest.raises(ValueError, match="width 64"):
                 reft.load_adapter(tmp_path / f"pyreft{kw}", "wide")
     assert list(reft.adapters) == ["default", "b", "d"]
+    reft.remove_hooks()
+    with pytest.raises(RuntimeError, match="hooks were removed"):
+        reft.add_adapter("late", _configs(torch.float32)["c"])
     with pytest.raises(FileNotFoundError, match="neither reft_config.json"):
         reft.load_adapter(tmp_path, "empty")
     with pytest.raises(TypeError, match="pyreft checkpoints only"):

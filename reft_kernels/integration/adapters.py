@@ -278,7 +278,7 @@ _NO_MODULES = ReftConfig([{"layer": 0, "low_rank_dimension": 1}])  # a config wi
 
 class AdapterRegistry:
     """The named-adapter half of ReftModel (module docstring); ReftModel provides model, dim, backend,
-    layers_path and the hooks (_hook_sites, _unhook_unused_sites, _model_device)."""
+    layers_path and the hooks (_check_hooked, _hook_sites, _unhook_unused_sites, _model_device)."""
 
     # -- what is there and what is active ---------------------------------------------------------
 
@@ -389,6 +389,7 @@ class AdapterRegistry:
                               for k in unknown + bad)
             raise ValueError(f"adapter {name!r}: base-model tensors {unknown + bad} do not fit this "
                              f"{type(self.model).__name__} ({found})")
+        self._check_hooked()
         device = self._model_device()
         if any(t.device != device for t in adapter.tensors()):
             adapter.interventions.to(device)

@@ -322,6 +322,7 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
         self._init_registry()
         self._site_handles: dict[tuple[int, str], Any] = {}
         self._handles: list = []
+        self._removed = False
         if freeze:
             model.requires_grad_(False)
         adapter = config if isinstance(config, Adapter) else Adapter(
@@ -406,6 +407,11 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
             hidden = edit.apply(hidden, locations, state, self)
         return hidden
 
+    def _check_hooked(self) -> None:
+        if self._removed:
+            raise RuntimeError("this ReftModel's hooks were removed (remove_hooks()): it takes no more adapters; "
+                               "build a new one (get_reft_model / ReftModel.from_pretrained)")
+
     def _hook_sites(self, adapter: Adapter) -> None:
         """One hook per (layer, component) site any adapter edits, added when the first adapter editing it is."""
         layers = self.model.get_submodule(self.layers_path)
@@ -470,6 +476,7 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
             h.remove()
         self._handles = []
         self._site_handles = {}
+        self._removed = True
         refs = self.model.__dict__.get(self._ADAPTERS, [])
         self.model.__dict__[self._ADAPTERS] = [r for r in refs if r() is not None and r() is not self]
         for m in self._checkpointed:
