@@ -126,10 +126,11 @@ def test_mixed_batch_rows_equal_their_adapter_alone(backend, monkeypatch):
                                 intervention_locations=locs).logits, mixed)
 
 
-def test_mixed_batch_on_the_triton_interpreter():
-    reft = _model("triton", names=("default", "b", "d"))
+def test_mixed_batch_on_the_triton_backend(device):
+    """The Triton kernels: on a GPU, or on the CPU under the Triton interpreter (tests/conftest.py)."""
+    reft = _model("triton", names=("default", "b", "d")).to(device)
     names = ["d", BASE, "default", "b"]
-    ids, mask = _prompts(len(names))
+    ids, mask = (t.to(device) for t in _prompts(len(names)))
     with torch.no_grad():
         mixed = reft(input_ids=ids, attention_mask=mask, adapter_names=names).logits
         for b, name in enumerate(names):
@@ -324,6 +325,26 @@ def test_stock_trainer_trains_two_adapters_in_one_batch(tmp_path):
             torch.testing.assert_close(step, g, rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
             assert g.abs().sum() > 0
     assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("adapter_interventions.idle."))
+
+
+def test_data_module_for_a_composition_and_the_collator_of_a_mixed_batch():
+    tok = char_tokenizer()
+    reft = _model("cpp", names=("default", "b", "c", "d"))
+    prompts, outputs = ["what is one?", "ok?"], ["a", "y"]
+    reft.set_adapter(["default", "b"])
+    data = rk.make_data_module(tok, reft, prompts, outputs)
+    n = len(tok(prompts[1])["input_ids"])
+    want = reft.locations(torch.ones(1, n, dtype=torch.long))[0]  # default's f2+l2, then b's last
+    assert want.shape[0] == 4 and torch.equal(data["train_dataset"][1]["intervention_locations"], want)
+    mixed = rk.make_data_module(tok, reft, prompts, outputs, adapter_names=["d", "c"], padding_side="left")
+    batch = mixed["data_collator"](mixed["train_dataset"])
+    assert batch["adapter_names"] == ["d", "c"] and batch["intervention_locations"].shape == (2, 2, 1)
+    shift = batch["input_ids"].shape[1] - len(mixed["train_dataset"][1]["input_ids"])  # left padding
+    assert batch["intervention_locations"][1].tolist() == [[n - 1 + shift], [-1]]  # c: one intervention, padded
+    with pytest.raises(ValueError, match="one n_interventions"):  # without names, n must agree
+        rk.ReftDataCollator()([{k: v for k, v in e.items() if k != "adapter_names"} for e in mixed["train_dataset"]])
+    with pytest.raises(ValueError, match=r"no adapter named \['x'\]"):
+        rk.make_data_module(tok, reft, prompts, outputs, adapter_names=["x", "b"])
 
 
 def test_save_writes_peft_layout_and_loads_back_bitwise(tmp_path):

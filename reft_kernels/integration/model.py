@@ -955,9 +955,10 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
         return reft
 
 
-def get_reft_model(model: nn.Module, config: ReftConfig, adapter_name: str = DEFAULT, **kwargs) -> ReftModel:
+def get_reft_model(model: nn.Module, config: ReftConfig, *, adapter_name: str = DEFAULT, **kwargs) -> ReftModel:
     """pyreft's (and PEFT's get_peft_model's) entry point: the base model, frozen, with the config's
-    interventions hooked in as adapter `adapter_name`."""
+    interventions hooked in as adapter `adapter_name` (keyword-only: pyreft's third positional argument,
+    set_device, has no counterpart here)."""
     return ReftModel(model, config, adapter_name=adapter_name, **kwargs)
 
 
