@@ -343,7 +343,7 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up one (default 3 GPU, 2 CPU)")
     ap.add_argument("--no-types", action="store_true", help="skip the six-types rows (one call vs one per type)")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    ap.add_argument("--out", default=None, help="results folder (default: a new bench/runs/<device>/<time>-<commit>/)")
     a = ap.parse_args(argv)
     t0 = time.time()
     cuda = torch.cuda.is_available()

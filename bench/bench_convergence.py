@@ -130,14 +130,14 @@ COLUMNS = ["seed", "parametrization", "first_loss", "final_loss", "min_loss"] + 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    ap.add_argument("--out", default=None, help="results folder (default: a new bench/runs/<device>/<time>-<commit>/)")
     a = ap.parse_args(argv)
     env = H.environment()
     # one thread: with two, torch's CPU threads stall each other whenever another process runs (measured:
     # this suite went from 35 s to 191 s beside another benchmark)
-    with H.cpu_threads(1):
+    with H.cpu_threads(H.SUITE_THREADS):
         summary, curves, layer = run(a.steps, progress=lambda s: print(f"  convergence: {s}", flush=True))
-    notes = __doc__.split("\n", 1)[1] + (
+    notes = H.suite_notes(__doc__) + (
         f"\nModel: LlamaConfig(hidden 128, 4 layers, 4 heads, vocab 512), random init (LM head std 0.2), frozen; "
         f"LoReFT r = 8 at layer {layer}, fp32; Adam lr 1e-2; {a.steps} steps; 5 seeds (prompt, answer and initial parameters "
         f"change with the seed). Loss: mean cross-entropy over the 20 answer tokens. steps_to_x: first step "

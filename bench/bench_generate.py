@@ -6,17 +6,19 @@ prompts of 128 random tokens with no padding, batch 1 and 16, greedy decoding of
 and last 5 tokens) with LoReFT r = 4 on the block outputs of every layer, or of 4 layers spread from the
 first to the last; decode steps edit nothing. On a CPU: the "tiny" shape in fp32 with N = 8, which checks
 that the suite runs and is not the product's claim (the host dominates a tiny model's decode step).
+The providers, the measurement block and the interleaved repeats are reft_kernels.bench's (what
+`reft-kernels bench --modes prefill decode` runs).
 Providers:
 - plain: the base model's generate, no hooks
 - ours-all, ours-4: reft_kernels.get_reft_model(...).generate with intervention_locations from
-  reft.locations(prompt_mask) (defaults: fused Triton edit on a GPU, the torch reference on a CPU). The
+  reft.locations(prompt_mask) (defaults: fused Triton edit on a GPU, the fused C++ kernels on a CPU). The
   adapter's parameters stay trainable, as right after training: each generate call then computes every
   R once, in one batch (a frozen, served adapter would use its cached R instead)
 - pyreft-all, pyreft-4: pyreft's generate with intervene_on_prompt=True, as ../shared/tools/anchor_bench.py
   calls it; only when `import pyreft` works
 Measured: prefill = one generate call with N = 1 (the prompt's forward and one token: time to first
-token); per token = (t(N new) - t(1 new)) / (N - 1) from each repeat's back-to-back pair, median over
-repeats.
+token); per token = the time per decode step inside one generate call with N new tokens, from the clock
+read at every token (reft_kernels.bench.providers.StepClock), median over repeats.
 """
 # The floor and the targets. Generation cannot avoid the base model's own prefill and decode steps:
 # plain generate in the same run is the floor. An adapter adds its edits to the prefill only (the prompt's
@@ -30,14 +32,16 @@ repeats.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import statistics
 from typing import Callable
 
 import torch
 
-import reft_kernels as rk
+from reft_kernels.bench import measure as M
+from reft_kernels.bench import providers as P
+from reft_kernels.bench.adapters import Adapter
+from reft_kernels.integration import ReftConfig
 
 from . import harness as H
 
@@ -46,105 +50,11 @@ POSITIONS = "f5+l5"
 PLAIN = "plain"
 
 
-@dataclasses.dataclass
-class Prompt:
-    """A batch of prompts every provider generates from."""
-
-    model: torch.nn.Module
-    ids: torch.Tensor  # [B, T_prompt] token ids
-    mask: torch.Tensor  # [B, T_prompt] all ones (no padding)
-
-
-def _greedy(n: int) -> dict:
-    """generate() arguments for exactly n greedy new tokens (a random model may emit EOS early)."""
-    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-
-def _ids(out):
-    """The generated ids tensor from a generate() result (pyreft returns (base, counterfactual) outputs)."""
-    if isinstance(out, tuple):
-        out = out[-1]
-    return getattr(out, "sequences", out)
-
-
-def build_plain(prompt: Prompt, layers):
-    def generate(n):
-        return prompt.model.generate(input_ids=prompt.ids, attention_mask=prompt.mask, **_greedy(n))
-
-    return generate, lambda: None
-
-
-def build_ours(prompt: Prompt, layers):
-    reft = rk.get_reft_model(prompt.model, rk.ReftConfig(
-        representations=[{"layer": layer, "component": "block_output", "intervention": "loreft",
-                          "low_rank_dimension": RANK} for layer in layers],
-        positions=POSITIONS))
-    reft.eval()
-    locations = reft.locations(prompt.mask)  # [B, n_interventions, P], in the prompt's coordinates
-
-    def generate(n):
-        return reft.generate(input_ids=prompt.ids, attention_mask=prompt.mask, intervention_locations=locations,
-                             **_greedy(n))
-
-    return generate, reft.remove_hooks
-
-
-def build_pyreft(prompt: Prompt, layers):
-    pyreft, why = H.import_pyreft()
-    if pyreft is None:
-        raise ImportError(why)
-    model = prompt.model
-    dim, dtype = model.config.hidden_size, next(model.parameters()).dtype
-    reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": RANK,
-             "intervention": pyreft.LoreftIntervention(embed_dim=dim, low_rank_dimension=RANK, dtype=dtype)}
-            for layer in layers]
-    reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
-    positions = rk.prefix_suffix_locations(prompt.mask, POSITIONS, num_interventions=1)[:, 0].tolist()
-    locations = [positions] * len(layers)  # [n_interventions][B][P], as pyreft's generate takes them
-
-    def generate(n):
-        return reft.generate({"input_ids": prompt.ids, "attention_mask": prompt.mask},
-                             unit_locations={"sources->base": (None, locations)}, intervene_on_prompt=True,
-                             **_greedy(n))
-
-    # pyvene registers its hooks on each call and removes them after: nothing to tear down
-    return generate, lambda: None
-
-
-def _block(prompt: Prompt, builder, layers, new: int):
-    """One provider's measurement block: build, one untimed prefill (first-call costs of a new adapter stay
-    out: kernel compilation, caches, lazily built buffers; it also checks that generate gives one new
-    token), then one timed call with 1 new token and one with `new`; teardown."""
-    hooks = H.hook_count(prompt.model)
-    T = prompt.ids.shape[1]
-
-    def block():
-        gc.collect()  # the previous block's adapter goes first (pyvene objects hold reference cycles)
-        generate, teardown = builder(prompt, layers)
-        out = _ids(generate(1))
-        if out.shape[-1] != T + 1:
-            raise RuntimeError(f"{builder.__name__}: generate(1) returned {tuple(out.shape)}, expected {T + 1} columns")
-        t1 = H.wall_ms(lambda: generate(1))
-        tn = H.wall_ms(lambda: generate(new))
-        teardown()
-        if H.hook_count(prompt.model) != hooks:
-            raise RuntimeError(f"{builder.__name__} left hooks on the base model: the next provider would pay for them")
-        return {"t1_ms": [t1], "tn_ms": [tn]}
-
-    return block
-
-
-def _try(prompt: Prompt, builder, layers) -> str:
-    """"" when the provider builds and generates here, else why not (optional providers only)."""
-
-    def probe():
-        generate, teardown = builder(prompt, layers)
-        try:
-            generate(2)
-        finally:
-            teardown()
-
-    return H.failure_reason(probe)
+def adapter(layers: list) -> Adapter:
+    """LoReFT r = 4 on the block outputs of `layers`, f5+l5 tied, fresh init."""
+    return Adapter(ReftConfig(representations=[{"layer": layer, "component": "block_output", "intervention": "loreft",
+                                                "low_rank_dimension": RANK} for layer in layers], positions=POSITIONS),
+                   None, POSITIONS, "LoReFT r = 4")
 
 
 def run_shape(shape, batches, layer_counts, *, prompt_len, new, rounds, device, dtype, use_pyreft=True,
@@ -155,25 +65,26 @@ def run_shape(shape, batches, layer_counts, *, prompt_len, new, rounds, device, 
     layer_sets = {str(c): H.spread_layers(n_layers, c) for c in layer_counts}
     rows, skipped = [], {}
     for batch in batches:
-        gen = torch.Generator(device="cpu").manual_seed(batch)
-        ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
-        prompt = Prompt(model, ids, torch.ones_like(ids))
-        blocks = {PLAIN: _block(prompt, build_plain, [], new)}
+        work = P.make_workload(model, batch, prompt_len, 0, seed=batch)
+        makers = {PLAIN: lambda: P.build_frozen(work, None, False)}
         for count, layers in layer_sets.items():
-            blocks[f"ours-{count}"] = _block(prompt, build_ours, layers, new)
+            # trainable while generating, as right after training: each call computes every R once, in one batch
+            makers[f"ours-{count}"] = (lambda a=adapter(layers): P.build_reft_kernels(work, a, False,
+                                                                                      trainable_for_generate=True))
         if use_pyreft:
             for count, layers in layer_sets.items():
-                why = _try(prompt, build_pyreft, layers)
+                make = (lambda a=adapter(layers): P.build_pyreft(work, a, False))
+                why = M.try_provider(make, train=False)
                 if why:
                     skipped["pyreft"] = why
                     break
-                blocks[f"pyreft-{count}"] = _block(prompt, build_pyreft, layers, new)
+                makers[f"pyreft-{count}"] = make
+        blocks = {name: M.generate_block(work, make, new_tokens=new, decode=True, name=name)
+                  for name, make in makers.items()}
         samples = H.interleaved(blocks, rounds, progress=progress, label=f"{shape} batch {batch}, ")
         prefill = {name: statistics.median(s["t1_ms"]) for name, s in samples.items()}
-        # per token from each repeat's own pair (t(1) and t(N) run back to back in one block), then the median
-        # over repeats: drift between repeats cancels within a pair
-        per_token = {name: statistics.median((tn - t1) / (new - 1) for t1, tn in zip(s["t1_ms"], s["tn_ms"]))
-                     for name, s in samples.items()}
+        # per token inside each repeat's generate(N) call (the step clock), then the median over repeats
+        per_token = {name: statistics.median(s["token_ms"]) for name, s in samples.items()}
         plain_t1, plain_tok = prefill[PLAIN], per_token[PLAIN]
         for name, s in samples.items():
             count = name.split("-", 1)[1] if "-" in name else None
@@ -182,7 +93,7 @@ def run_shape(shape, batches, layer_counts, *, prompt_len, new, rounds, device, 
                 "layers": f"{len(layer_sets[count])} of {n_layers}" if count else "-",
                 "prefill_ms": prefill[name], "prefill_spread_pct": H.spread_pct(s["t1_ms"]),
                 "prefill_over_plain_pct": 100 * (prefill[name] / plain_t1 - 1),
-                "per_token_ms": per_token[name], "gen_n_spread_pct": H.spread_pct(s["tn_ms"]),
+                "per_token_ms": per_token[name], "per_token_spread_pct": H.spread_pct(s["token_ms"]),
                 "per_token_over_plain_pct": 100 * (per_token[name] / plain_tok - 1),
                 "repeats": len(s["t1_ms"]),
             })
@@ -194,7 +105,7 @@ def run_shape(shape, batches, layer_counts, *, prompt_len, new, rounds, device, 
 
 
 COLUMNS = ["shape", "batch", "prompt", "new_tokens", "provider", "layers", "prefill_ms", "prefill_spread_pct",
-           "prefill_over_plain_pct", "per_token_ms", "gen_n_spread_pct", "per_token_over_plain_pct", "repeats"]
+           "prefill_over_plain_pct", "per_token_ms", "per_token_spread_pct", "per_token_over_plain_pct", "repeats"]
 
 
 def main(argv=None):
@@ -217,28 +128,27 @@ def main(argv=None):
     if a.quick:
         shapes, rounds, new = shapes[:1], min(rounds, 2), min(new, 16)
     if new < 2:
-        ap.error("--new must be at least 2 (per token = (t(N) - t(1)) / (N - 1))")
+        ap.error("--new must be at least 2 (per token: the time between the first and the last token of one call, over N - 1)")
     env = H.environment()
     env.update(H.optional_versions(["pyreft", "pyvene"]))
     env["dtype"] = str(dtype).replace("torch.", "")
     progress = lambda s: print(f"  generate: {s}", flush=True)  # noqa: E731
     rows, skipped = [], {}
-    with H.cpu_threads(1):
-        if not cuda:
-            env["cpu_threads"] = torch.get_num_threads()
+    with H.cpu_threads(H.SUITE_THREADS):
         for shape in shapes:
             got, why = run_shape(shape, a.batch, a.layers, prompt_len=a.prompt, new=new, rounds=rounds, device=device,
                                  dtype=dtype, use_pyreft=not a.no_pyreft, progress=progress)
             rows += got
             skipped.update(why)
-    notes = __doc__.split("\n", 1)[1]
+    notes = H.suite_notes(__doc__)
     notes += (f"\nMedians over {rounds} interleaved repeats (provider order rotated each repeat, after one discarded "
               "warm-up repeat); each repeat builds the provider afresh, runs one untimed prefill, then times "
-              f"generate with 1 and with {new} new tokens (wall time, synchronized). *_over_plain_pct: over plain "
+              f"generate with 1 new token (wall time, synchronized) and with {new}, per decode step (the step clock). "
+              "*_over_plain_pct: over plain "
               "generate in the same run, in percent (targets for ours: prefill at most 2, per token at most 0.5). "
-              "*_spread_pct: interquartile range over the median of t(1) and of t(N).\n")
+              "*_spread_pct: interquartile range over the median of t(1) and of the per-token time.\n")
     if not cuda:
-        notes += H.cpu_run_note(env["dtype"])
+        notes += H.cpu_run_note(env)
     H.finish_suite("generate", rows, COLUMNS, env, notes, skipped, a.out)
 
 

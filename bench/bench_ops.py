@@ -531,26 +531,29 @@ def run(groups, modes=MODES, reps=30, progress=None):
 
 
 def headline_table(rows):
-    """The README's table (LoReFT d = 4096, r = 4, bf16) from the rows, with its column names."""
+    """The README's table (LoReFT d = 4096, r = 4, bf16) from the rows, with its column names: every provider
+    that ran (fused on a GPU, cpp on a CPU, torch, pyreft) in each mode, columns no provider filled left out."""
     by = {}
     for row in rows:
         if _is_headline(row["type"], row["d"], row["r"], row["dtype"]):
             by.setdefault(row["N"], {})[row["mode"]] = row
     if not by:
         return ""
+    nan = float("nan")
     out = []
     for N, m in sorted(by.items()):
         f, fb, b = m.get("fwd", {}), m.get("fwd+bwd", {}), m.get("bwd", {})
-        out.append({
-            "N rows": N, "fused fwd": f.get("fused_us", float("nan")), "torch fwd": f.get("torch_us", float("nan")),
-            "pyreft fwd": f.get("pyreft_us", float("nan")), "fused fwd+bwd": fb.get("fused_us", float("nan")),
-            "torch fwd+bwd": fb.get("torch_us", float("nan")), "pyreft fwd+bwd": fb.get("pyreft_us", float("nan")),
-            "floor fwd+bwd (5 N d bytes)": fb.get("rows_floor_us", float("nan")),
-            "fused-recompute fwd+bwd": fb.get("fused-recompute_us", float("nan")),
-            "fused bwd": b.get("fused_us", float("nan")), "torch bwd": b.get("torch_us", float("nan")),
-            "pyreft bwd": b.get("pyreft_us", float("nan")),
-        })
-    return H.markdown_table(out, list(out[0]))
+        row = {"N rows": N}
+        for mode, got in (("fwd", f), ("fwd+bwd", fb)):
+            for prov in ("fused", "cpp", "torch", "pyreft"):
+                row[f"{prov} {mode}"] = got.get(f"{prov}_us", nan)
+        row["floor fwd+bwd (5 N d bytes)"] = fb.get("rows_floor_us", nan)
+        row["fused-recompute fwd+bwd"] = fb.get("fused-recompute_us", nan)
+        for prov in ("fused", "cpp", "torch", "pyreft"):
+            row[f"{prov} bwd"] = b.get(f"{prov}_us", nan)
+        out.append(row)
+    columns = [c for c in out[0] if any(r[c] == r[c] for r in out)]  # NaN != NaN: a column nobody filled
+    return H.markdown_table(out, columns)
 
 
 def small_n(N=64, d=4096, r=4, dtype=torch.bfloat16, calls=200):
@@ -724,7 +727,7 @@ def main(argv=None):
                     "halved from 16384 x 4096 x 2 bytes of rows on a GPU)")
     ap.add_argument("--quick", action="store_true", help="every type at one shape, fewer repeats, no extras")
     ap.add_argument("--tune", action="store_true", help="also sweep block shapes (GPU)")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    ap.add_argument("--out", default=None, help="results folder (default: a new bench/runs/<device>/<time>-<commit>/)")
     a = ap.parse_args(argv)
 
     t0 = time.time()
@@ -736,17 +739,17 @@ def main(argv=None):
     reps = a.reps or ((10 if a.quick else 30) if cuda else (3 if a.quick else 10))
     modes = a.modes or list(MODES)
     progress = lambda s: print(f"  ops: {s}", flush=True)  # noqa: E731
-    with H.cpu_threads(1):
+    with H.cpu_threads(H.SUITE_THREADS):
         rows, bw, skipped = run(groups, modes, reps, progress=progress)
     env["copy_bandwidth_GBps"] = f"{bw:.0f}" + ("" if cuda else " (CPU, 256 MB copy)")
-    notes = __doc__.split("\n", 1)[1]
+    notes = H.suite_notes(__doc__)
     if not cuda:
         notes += ("\nCPU run: one torch thread (harness.cpu_threads) for every provider; cpp (the fused C++ CPU "
                   "kernels), torch and pyreft. The fused Triton kernels' figures need a GPU.\n")
     head = headline_table(rows)
     if head:
         notes += ("\nHeadline (the README's table: LoReFT, d = 4096, r = 4, bf16; floor = 5 N d bytes at the "
-                  f"measured bandwidth):\n\n{head}\n\nAll rows:\n")
+                  f"measured bandwidth; microseconds per call):\n\n{head}\n\nAll rows:\n")
     notes += f"\nSuite time: {time.time() - t0:.0f} s ({len(rows)} rows).\n"
     H.finish_suite("ops", rows, OP_COLUMNS, env, notes, skipped, a.out)
     if cuda and not a.quick:

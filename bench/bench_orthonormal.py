@@ -112,17 +112,15 @@ COLUMNS = ["L", "d", "r", "ours_us", "ours-cholqr_us", "ours-per-module_us", "to
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--L", type=int, nargs="*", default=None, help=f"interventions (default {' '.join(map(str, LS))})")
-    ap.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    ap.add_argument("--out", default=None, help="results folder (default: a new bench/runs/<device>/<time>-<commit>/)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     Ls = a.L or LS
     env = H.environment()
-    with H.cpu_threads(1):  # on a CPU: two threads collapse when anything else runs (harness.cpu_threads)
-        if not cuda:
-            env["cpu_threads"] = torch.get_num_threads()
+    with H.cpu_threads(H.SUITE_THREADS):  # on a CPU: two threads collapse when anything else runs (harness.cpu_threads)
         rows, bw = run(Ls, reps=50 if cuda else 10, progress=lambda s: print(f"  orthonormal: {s}", flush=True))
     env["copy_bandwidth_GBps"] = f"{bw:.0f}" if cuda else "n/a (CPU)"
-    notes = __doc__.split("\n", 1)[1]
+    notes = H.suite_notes(__doc__)
     notes += "\nTimes in microseconds per training step (median); *_orth_err = max |R R^T - I| after the step.\n"
     if not cuda:
         notes += (f"CPU run: one torch thread, torch providers only; the Triton figures and the floor need a GPU. "

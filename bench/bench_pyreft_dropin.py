@@ -14,8 +14,9 @@ Setting: rank 4 on the block output of every layer (1b: all 16), positions "f5+l
 last 5 tokens of every row, one intervention per layer, the same slots for every intervention, as
 pyreft's data module repeats them), batch 8 x 512 with labels on the second half of each row, bf16 model
 and bf16 W (pyreft's default dtype) on a GPU. On a CPU: the "tiny" shape (all 8 layers), batch 4 x 128,
-fp32; those figures check that the suite runs and are not the product's claim (the drop-in runs the
-torch reference edit there, and pyvene's per-call host work dominates a tiny model).
+fp32; those figures check that the suite runs and are not the product's claim (pyvene's per-call host work
+dominates a tiny model; the header's edit_backend says what the drop-in's edit ran on: the fused C++
+kernels where they build).
 Providers (both start every round from the same intervention state):
 - pyreft: pyreft.<Type>Intervention
 - dropin: reft_kernels.interop.pyreft_dropin.<Type>Intervention (the fused edit: Triton on a GPU; R from
@@ -229,14 +230,12 @@ def main(argv=None):
     env["dtype"] = str(dtype).replace("torch.", "")
     progress = lambda s: print(f"  pyreft_dropin: {s}", flush=True)  # noqa: E731
     rows = []
-    with H.cpu_threads(1):
-        if not cuda:
-            env["cpu_threads"] = torch.get_num_threads()
+    with H.cpu_threads(H.SUITE_THREADS):
         for shape, layers in cases:
             for type_key in types:
                 rows += run_case(pyreft, shape, layers, type_key, a.providers, batch=batch, seq=seq, rounds=rounds,
                                  warmup=warmup, steps=steps, device=device, dtype=dtype, progress=progress)
-    notes = __doc__.split("\n", 1)[1]
+    notes = H.suite_notes(__doc__)
     for r in rows:  # the providers start from the same state: their first losses must agree
         ref = next((x["first_loss"] for x in rows if x["provider"] == "pyreft" and x["type"] == r["type"]
                     and x["shape"] == r["shape"] and x["layers"] == r["layers"]), None)
@@ -248,7 +247,7 @@ def main(argv=None):
               "allocates AdamW's state). spread_pct: interquartile range over the median. speedup: pyreft's median "
               "step time over the row's. peak_GB: model weights included.\n")
     if not cuda:
-        notes += H.cpu_run_note(env["dtype"], "Peak memory is not measured on a CPU, shown as '-'.")
+        notes += H.cpu_run_note(env, "Peak memory is not measured on a CPU, shown as '-'.")
     H.finish_suite("pyreft_dropin", rows, COLUMNS, env, notes, {}, a.out)
 
 

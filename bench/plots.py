@@ -3,8 +3,8 @@
 harness.write_results draws them after every suite (a failure to draw is a note line in the markdown,
 never a failed suite); this entry point redraws them from results already on disk:
 
-    python -m bench.plots bench/results/h100                  # every <suite>.json in the folder
-    python -m bench.plots bench/results/cpu-x86-64-2cores/ops.json
+    python -m bench.plots bench/runs/<device>/latest          # every <suite>.json in the folder
+    python -m bench.plots bench/reference/h100-61fe9a1/ops.json
 
 What each suite gets (suites not named here get no plot):
 - ops: time per call against N (log-log), one line per provider time column (`*_us`) and dashed floor
@@ -17,76 +17,26 @@ What each suite gets (suites not named here get no plot):
 - convergence_curves: loss per step, median over seeds per parametrization, band = min..max over seeds
 - pyreft_dropin: speedup over pyreft per intervention type
 matplotlib (the `bench` extra) is imported inside the functions, with the Agg backend: no display needed.
+The helpers every figure shares (colours, title, CPU footnote, labels, legends) are reft_kernels.bench.plot's.
 """
 from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-# fixed colours per provider, so one provider looks the same in every figure
-COLORS = {
-    "fused": "tab:blue", "ours": "tab:blue", "dropin": "tab:blue", "ours-all": "tab:blue", "ours-4": "tab:cyan",
-    "fused-recompute": "tab:cyan", "ours-cholqr": "tab:cyan", "ours-per-module": "tab:purple",
-    "torch": "tab:green", "torch-cholqr": "tab:green", "plain-torch": "tab:green",
-    "pyreft": "tab:red", "pyreft-all": "tab:red", "pyreft-4": "tab:pink",
-    "lora": "tab:orange", "bias-hook": "tab:gray", "frozen-forward": "tab:brown",
-}
+from reft_kernels.bench.plot import bar_labels as _bar_labels, color as _color, finish as _finish  # noqa: F401
+from reft_kernels.bench.plot import legend_below, num as _num, pyplot as _plt, room as _room  # noqa: F401
+
 FLOOR_STYLES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
 MODE_NAMES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward+backward"}
 MODE_ORDER = ["fwd", "bwd", "fwdbwd"]
 # ops rows: keys that split rows into separate figures (all but "mode", which splits panels)
 OPS_GROUP_KEYS = ("type", "kind", "intervention", "dtype", "act", "d", "r")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _num(v) -> float | None:
-    """v as a finite float, or None (missing, empty, NaN, text)."""
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _color(name: str, k: int) -> str:
-    return COLORS.get(name, f"C{k % 10}")
-
-
-def _subtitle(env: dict) -> str:
-    parts = [env.get("device", "?"), env.get("date", "")]
-    if env.get("commit"):
-        parts.append(f"commit {env['commit']}")
-    versions = [f"{k} {env[k]}" for k in ("torch", "triton", "transformers") if env.get(k)]
-    return " | ".join(p for p in parts if p) + ("\n" + ", ".join(versions) if versions else "")
-
-
-def _finish(fig, title: str, env: dict, path: Path, footnote: str = "") -> Path:
-    if str(env.get("device", "")).lower().startswith("cpu"):
-        footnote += (" " if footnote else "") + ("CPU run: the torch providers only, a check that the suite runs; "
-                                                  "the fused kernels' figures need a GPU.")
-    fig.suptitle(f"{title}\n{_subtitle(env)}", fontsize=10)
-    if footnote:
-        fig.text(0.01, 0.005, footnote, fontsize=7.5, color="0.3", ha="left", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.05 if footnote else 0, 1, 1))
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
 
 
 def _pow2_ticks(ax, values: Sequence[float]):
@@ -230,25 +180,12 @@ def plot_orthonormal(rows, env, out_dir: Path, suite: str = "orthonormal") -> li
 # ------------------------------------------------------------------------------------------------
 
 
-def _bar_labels(ax, bars, texts, errs=None):
-    """Text above each bar (below a negative one), past its error bar when it has one."""
-    for bar, text, err in zip(bars, texts, errs or [0.0] * len(texts)):
-        h = bar.get_height()
-        y = h + err if h >= 0 else h - err
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, y), xytext=(0, 3 if h >= 0 else -3),
-                    textcoords="offset points", ha="center", va="bottom" if h >= 0 else "top", fontsize=7)
-
-
-def _room(ax, frac):
-    """Room above the bars (and below negative ones) for their labels."""
-    lo, hi = ax.get_ylim()
-    span = hi - lo
-    ax.set_ylim(lo - frac * span if lo < 0 else min(lo, -1), hi + frac * span)
-
-
 def _target(ax, y, text):
-    """The target as a red dashed line, named in the legend."""
-    ax.axhline(y, color="tab:red", ls="--", lw=1, label=text)
+    """The target as a red dashed line, named at its right end outside the axes (a legend inside the axes
+    hid a bar's value label in train_step.png)."""
+    ax.axhline(y, color="tab:red", ls="--", lw=1)
+    ax.annotate(text, xy=(1, y), xycoords=("axes fraction", "data"), xytext=(3, 0), textcoords="offset points",
+                ha="left", va="center", fontsize=7, color="tab:red")
 
 
 def plot_train_step(rows, env, out_dir: Path, suite: str = "train_step") -> list[Path]:
@@ -283,7 +220,6 @@ def plot_train_step(rows, env, out_dir: Path, suite: str = "train_step") -> list
             _target(ax, target, f"target for ours: {target:g}%")
             ax.set_ylabel(ylabel)
             _room(ax, 0.15)
-            ax.legend(fontsize=8, loc="upper left")
             floor_txt = f"; floor {floor_ms:.3g} ms/step" if floor_ms and col == "over_floor_pct" else ""
             ax.set_title(f"{case[0]}, {case[1]} layers edited, batch {case[2]}{floor_txt}", fontsize=9)
             ax.grid(True, axis="y", alpha=0.3)
@@ -324,9 +260,9 @@ def plot_generate(rows, env, out_dir: Path, suite: str = "generate") -> list[Pat
         ax.set_ylabel("time over plain generate (%)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        legend_below(ax, len(providers))
     return [_finish(fig, "generation: overhead over plain generate (lower is better)", env, out_dir / f"{suite}.png",
-                    "Medians over interleaved repeats; per token = (t(N new) - t(1 new)) / (N - 1). Under the x "
+                    "Medians over interleaved repeats; per token: decode steps inside one generate call (the step clock). Under the x "
                     "labels: plain generate's own time.")]
 
 
@@ -499,7 +435,7 @@ def main(argv=None):
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("paths", nargs="+", help="results folders (bench/results/<device>) or <suite>.json files")
+    ap.add_argument("paths", nargs="+", help="results folders (bench/runs/<device>/<run>) or <suite>.json files")
     a = ap.parse_args(argv)
     failed = False
     for p in a.paths:

@@ -31,11 +31,10 @@ from .ops import (AdapterBank, AdapterParams, EditSpec, direft, loreft, mixed_re
 __version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterBank", "AdapterParams", "BACKEND_ENV", "BY_PYREFT_NAME", "COMPONENTS", "ReftConfig",
-    "ReftDataCollator",
-    "ReftModel", "Representation", "get_reft_model", "last_token_locations", "load_pyreft", "make_data_module",
-    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module", "save_pyreft",
-    "prefix_suffix_locations", "read_adapter", "reft_example", "ConsReFT", "DiReFT", "EditSpec", "INTERVENTIONS",
-    "LoReFT", "LobiReFT",
+    "ReftDataCollator", "ReftModel", "Representation", "get_reft_model", "last_token_locations", "load_pyreft",
+    "make_data_module", "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
+    "save_pyreft", "prefix_suffix_locations", "read_adapter", "reft_example", "ConsReFT", "DiReFT", "EditSpec",
+    "INTERVENTIONS", "LoReFT", "LobiReFT",
     "NoReFT", "OrthoDiReFT", "Orthonormal", "ReftIntervention", "direft", "loreft", "orthonormal_batch",
     "mixed_reft_edit", "mixed_reft_edit_flat", "orthonormality_error", "orthonormalize", "reft_edit",
     "stack_adapters", "__version__",

@@ -7,9 +7,14 @@ CUDA host path (load_cuda(), at the end): the CUDA kernel of reft_kernels_cpp::e
 2. An ahead-of-time build that setup.py put inside the package (REFT_KERNELS_BUILD_CPP=1 at install).
 3. A just-in-time build of csrc/*.cpp with ninja (torch.utils.cpp_extension.load), from the top-level
    csrc/ of a source checkout or the copy that wheels carry in reft_kernels/csrc/ (setup.py puts it
-   there); cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and rebuilt only when a
-   source or a flag changes. A one-line message on stderr says when a compile starts (about 30 s on 2
-   cores).
+   there), cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions). The build is keyed on
+   what goes into the binary (build_key): the sources' and headers' content, the compiler's and torch's
+   versions, the flags and the ISA. Its folder is named <name>_<key>, holds a copy of the sources it was
+   compiled from and a BUILT stamp written once it loaded: identical sources share one build whatever
+   checkout they come from, and a changed source or toolchain gets a new folder, never a stale binary.
+   A process that finds the stamp loads the library directly (no ninja call); one that does not says so
+   in one line on stderr before it compiles (about 30 s on 2 cores). Old folders are never needed again
+   once their sources changed: the cache can be deleted at any time.
 If both fail (no compiler, no sources in the install), `available()` is False, one warning says why, and
 every op still works through the Triton or torch backends.
 
@@ -20,8 +25,14 @@ a wider ISA. The ahead-of-time build stays portable (no -m flags) unless REFT_KE
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
+import platform
+import shutil
+import subprocess
 import sys
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -77,9 +88,68 @@ def _load_aot() -> bool:
     return False
 
 
-def _jit_build(name: str, sources: tuple[str, ...], what: str, **flags) -> None:
-    """Compiles (or loads from the cache) csrc/<sources> as the library `name` with ninja, saying so on
-    stderr when it compiles; flags go to torch.utils.cpp_extension.load."""
+HEADER_SUFFIXES = (".h", ".hpp", ".cuh")
+STAMP = "BUILT"  # written into a build folder once its library compiled and loaded
+
+
+def _compiler_version(cuda: bool) -> str:
+    """The first line of `<compiler> --version` (the C++ compiler torch.utils.cpp_extension calls: $CXX or
+    c++; nvcc's last line for CUDA builds), or why it could not be read (then a build would fail too)."""
+    if cuda:
+        from torch.utils import cpp_extension
+
+        cmd = [os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc"), "--version"]
+    else:
+        cmd = [os.environ.get("CXX", "c++"), "--version"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{cmd[0]}: {type(e).__name__}"
+    return f"{cmd[0]}: {(out[-1] if cuda else out[0]) if out else '?'}"
+
+
+def build_key(name: str, sources: tuple[str, ...], flags: dict, *, cuda: bool = False) -> str:
+    """16 hex digits of a SHA-256 over everything that goes into the binary: the extension's name, the
+    content of `sources` (as listed; names in csrc/) and of every header in csrc/, the compiler's version,
+    torch's version and build (git hash, CUDA, C++ ABI), Python's ABI, the machine, and the flags (which
+    carry the ISA). Two checkouts with the same sources get the same key; a change to any of these gets
+    another one."""
+    h = hashlib.sha256()
+    headers = sorted(p.name for p in SOURCE_DIR.iterdir() if p.suffix in HEADER_SUFFIXES) if SOURCE_DIR.is_dir() else []
+    for fname in [*sources, *headers]:
+        h.update(f"\0{fname}\0".encode())
+        h.update((SOURCE_DIR / fname).read_bytes())
+    toolchain = [name, _compiler_version(cuda), torch.__version__, str(torch.version.git_version),
+                 str(torch.version.cuda), str(torch._C._GLIBCXX_USE_CXX11_ABI), sysconfig.get_config_var("SOABI") or "",
+                 platform.machine()]
+    h.update(json.dumps([toolchain, flags], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _library(build_dir: str, name: str) -> Optional[str]:
+    found = glob.glob(os.path.join(build_dir, f"{name}.so")) + glob.glob(os.path.join(build_dir, f"{name}.pyd"))
+    return found[0] if found else None
+
+
+def _snapshot_sources(sources: tuple[str, ...], dest: Path) -> list[str]:
+    """Copies sources and csrc/ headers into dest (once: same key, same content), so the build reads a
+    snapshot named by its key instead of a checkout's files (whose path would differ per checkout and make
+    ninja rebuild). Returns the copied sources' paths."""
+    dest.mkdir(parents=True, exist_ok=True)
+    headers = [p.name for p in SOURCE_DIR.iterdir() if p.suffix in HEADER_SUFFIXES]
+    for fname in [*sources, *headers]:
+        target = dest / fname
+        if not target.is_file():  # a rewrite would change the mtime, and ninja would compile again
+            tmp = dest / f".{fname}.{os.getpid()}"
+            shutil.copyfile(SOURCE_DIR / fname, tmp)
+            os.replace(tmp, target)
+    return [str(dest / s) for s in sources]
+
+
+def _jit_build(name: str, sources: tuple[str, ...], what: str, **flags) -> str:
+    """Loads the library compiled from csrc/<sources> with `flags` (torch.utils.cpp_extension.load keywords),
+    compiling it first when no build with the same key (build_key) exists, and saying so on stderr then.
+    Returns the keyed name it loaded."""
     from torch.utils import cpp_extension
 
     paths = [SOURCE_DIR / s for s in sources]
@@ -87,16 +157,35 @@ def _jit_build(name: str, sources: tuple[str, ...], what: str, **flags) -> None:
     if missing:
         raise FileNotFoundError(f"C++ sources not found ({', '.join(missing)}); reinstall reft-kernels from its "
                                 "wheel, sdist or a source checkout")
+    cuda = any(s.endswith(".cu") for s in sources)
+    keyed = f"{name}_{build_key(name, sources, flags, cuda=cuda)}"
+    build_dir = cpp_extension._get_build_directory(keyed, verbose=False)
+    lib = _library(build_dir, keyed)
+    if lib and os.path.isfile(os.path.join(build_dir, STAMP)):
+        torch.ops.load_library(lib)  # built by this or another checkout of the same sources and toolchain
+        return keyed
     try:  # the ninja wheel's binary, when the venv's bin/ is not on PATH
         import ninja
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    build_dir = cpp_extension._get_build_directory(name, verbose=False)
-    if not glob.glob(os.path.join(build_dir, f"{name}*.so")):
-        print(f"reft_kernels: compiling {what} ({name}, once; cached in {build_dir})", file=sys.stderr, flush=True)
-    cpp_extension.load(name=name, sources=[str(s) for s in paths], is_python_module=False, verbose=False, **flags)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock):
+        print(f"reft_kernels: waiting for another process compiling {what} in {build_dir} (if none is running, "
+              f"delete {lock})", file=sys.stderr, flush=True)
+    else:
+        print(f"reft_kernels: compiling {what} ({keyed}: new sources or toolchain; cached in {build_dir})",
+              file=sys.stderr, flush=True)
+    copies = _snapshot_sources(sources, Path(build_dir) / "src")
+    cpp_extension.load(name=keyed, sources=copies, build_directory=build_dir, is_python_module=False, verbose=False,
+                       **flags)
+    tmp = os.path.join(build_dir, f".{STAMP}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"sources": list(sources), "flags": flags, "torch": torch.__version__,
+                   "compiler": _compiler_version(cuda)}, f, default=str)
+    os.replace(tmp, os.path.join(build_dir, STAMP))
+    return keyed
 
 
 def _failure(e: Exception) -> str:
@@ -123,8 +212,9 @@ def load() -> tuple[bool, str]:
                 if _load_aot():
                     loaded, how = True, "ahead-of-time build"
                 else:
-                    _jit_build(jit_name(), SOURCES, "the C++ CPU kernels", extra_cflags=build_flags())
-                    loaded, how = True, f"JIT build {jit_name()}"
+                    keyed = _jit_build(jit_name(), SOURCES, "the C++ CPU kernels (about 30 s on 2 cores)",
+                                       extra_cflags=build_flags())
+                    loaded, how = True, f"JIT build {keyed}"
             except Exception as e:  # no compiler, no ninja, a failed build: the Python paths still work
                 loaded, how = False, _failure(e)
                 warnings.warn(
@@ -183,14 +273,16 @@ def load_cuda() -> tuple[bool, str]:
             loaded, how = False, f"the C++ library is unavailable ({cpu_how})"  # load() has warned
         else:
             try:
+                keyed = "already registered"
                 if not torch._C._dispatch_has_kernel_for_dispatch_key("reft_kernels_cpp::edit", "CUDA"):
                     sm = "".join(str(v) for v in torch.cuda.get_device_capability())
-                    # the GPU's own machine code (no PTX JIT at start-up)
-                    _jit_build(cuda_jit_name(), CUDA_SOURCES, "the CUDA host path (about a minute)",
-                               extra_cflags=COMMON_FLAGS,
-                               extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{sm},code=sm_{sm}"])
+                    # the GPU's own machine code (no PTX JIT at start-up); keyed like the CPU build (the
+                    # architecture is in the flags, nvcc's version in the key)
+                    keyed = "JIT build " + _jit_build(cuda_jit_name(), CUDA_SOURCES, "the CUDA host path (about a minute)",
+                                                      extra_cflags=COMMON_FLAGS,
+                                                      extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{sm},code=sm_{sm}"])
                 loaded = torch._C._dispatch_has_kernel_for_dispatch_key("reft_kernels_cpp::edit", "CUDA")
-                how = f"JIT build {cuda_jit_name()}" if loaded else "the library registered no CUDA kernel"
+                how = keyed if loaded else "the library registered no CUDA kernel"
             except Exception as e:  # no nvcc, a failed build: the Triton path still works
                 loaded, how = False, _failure(e)
             if not loaded:

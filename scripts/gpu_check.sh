@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one command for the device tool (see README "GPU checks"):
 #   the test suite on the GPU (bf16 too), then the op benchmark (with pyreft beside it when its wheels are
-#   carried) and, with --tune, the block-shape sweep. Logs and a tarball of bench/results go to $OUT.
+#   carried) and, with --tune, the block-shape sweep. Logs and a tarball of the run folder (bench/runs/) go to $OUT.
 # Usage (repo root, on the GPU machine):  bash scripts/gpu_check.sh [--tests-only|--bench-only] [--tune]
 #                                          [--suites=ops,orthonormal,convergence,train_step,generate,pyreft_dropin,adapters]
 # The CUDA host path (csrc/edit_cuda.cu) is built with nvcc on first use, by tests/test_cuda_host.py and by
@@ -43,6 +43,6 @@ if [ $run_bench = 1 ]; then
   fi
   PYTHONPATH=$bench_path python3 -m bench $suites $tune 2>&1 | tee "$OUT/bench.log" | grep -v "^  ops:" | tail -60
   status=$(( status | PIPESTATUS[0] ))
-  tar czf "$OUT/results.tar.gz" bench/results
+  tar czf "$OUT/results.tar.gz" bench/runs
 fi
 exit $status

@@ -10,7 +10,7 @@ Parametrizations
 - "stereographic" (default): R = orthonormalize(stereographic_premap(base, delta)). base [r, d] is a
   buffer (the initial R), delta [r, d] the trained parameter, zero at init. Rows rotate away from base by
   2 atan(|delta_perp|), the angle profile of torch's Householder map, so training follows pyreft's
-  (bench/results/*/convergence.md: losses 1.0 and 0.1 reached in fewer steps on every seed; loss 0.01
+  (bench/reference/*/convergence.md: losses 1.0 and 0.1 reached in fewer steps on every seed; loss 0.01
   3 steps later, median of 5 seeds).
 - "cholesky_qr": R = orthonormalize(weight), weight [r, d] trained directly (scale-invariant). Fewer
   launches, but Adam's angular steps shrink as the weight grows: it needs 20-26% more steps than

@@ -33,7 +33,7 @@ What the Triton backend moves (the byte floor the benchmarks report; N = edited 
 - parameter gradients are reduced without atomics: per-program partial sums, then one fixed-order sum,
   so two runs give bitwise equal gradients.
 
-Kernels (launch_config picks; figures: H100, d = 4096, r = 4, bf16, bench/results/h100)
+Kernels (launch_config picks; figures: H100, d = 4096, r = 4, bf16, bench/reference/h100-61fe9a1)
 - forward, one launch: row-resident (_edit_fwd_rows_kernel) while there are few rows per SM and r <= 16:
   whole rows in registers, persistent programs, 9.2 us for N = 64 under graph replay against 95 us for the
   tile kernel, whose 16+ rows per program walk the columns serially; tiles (_edit_fwd_kernel) beyond:
@@ -663,7 +663,7 @@ class LaunchConfig:
 
 @functools.lru_cache(maxsize=4096)
 def gpu_launch_config(d: int, r: int, P: int) -> LaunchConfig:
-    """Blocks for a GPU, from the H100 sweep in bench/results (d = 4096, r = 4, bf16): row-resident
+    """Blocks for a GPU, from the H100 sweep in bench/reference/h100-61fe9a1 (d = 4096, r = 4, bf16): row-resident
     kernels up to 16 rows per SM (9.4 us vs 46 us for the tiles at N = 64 under graph replay; tiles win
     from N = 16384), forward tiles 64 x 128 with 8 warps and 3 stages, backward 16 x 256 with 4 warps and
     3 stages (2157 us at N = 131072, against 3030 us for 16 x 128 with 2 stages). Register use of the

@@ -63,7 +63,7 @@ def stereographic_premap(base: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
         P = delta - (delta B^T) B,   A_i = (1 - |P_i|^2) B_i + 2 P_i
 
     A row moves by the angle 2 atan(|P_i|) away from B_i, the angle-per-parameter profile of torch's
-    Householder map (so Adam takes the same angular steps as in pyreft: bench/results convergence),
+    Householder map (so Adam takes the same angular steps as in pyreft: bench/reference convergence),
     where orthonormalizing B + P directly gives atan(|P_i|), half the rate at the start and a rate that
     decays as the parameter grows. delta = 0 gives A = B. [..., r, d], any float dtype; batched.
     """
