@@ -9,6 +9,7 @@
     hidden = rk.mixed_reft_edit(hidden, positions, adapter_ids, bank)   # (flat: rk.mixed_reft_edit_flat)
     with rk.orthonormal_batch(model): ...               # every R of a model in one batched computation
     reft = rk.get_reft_model(hf_model, rk.ReftConfig(...))   # Hugging Face models: train, generate, save
+    reft.load_adapter("dir/", adapter_name="b")              # named adapters; reft(..., adapter_names=[...])
     data = rk.make_data_module(tok, reft, prompts, answers)  # Trainer(model=reft, args=..., **data)
     reft = rk.load_pyreft(hf_model, "pyreft_dir/")           # pyreft checkpoints in (rk.save_pyreft: out)
 
@@ -19,19 +20,21 @@ from . import extension  # the C++ CPU kernels (csrc/), built or loaded on first
 from .backend import BACKEND_ENV
 from .modules import (BY_PYREFT_NAME, INTERVENTIONS, ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT, OrthoDiReFT,
                       Orthonormal, ReftIntervention, orthonormal_batch, orthonormality_error)
-from .integration import (COMPONENTS, ReftConfig, ReftDataCollator, ReftModel, Representation, get_reft_model,
-                          last_token_locations, make_data_module, make_last_position_supervised_data_module,
-                          make_multiple_position_supervised_data_module, prefix_suffix_locations, reft_example)
+from .integration import (COMPONENTS, Adapter, ReftConfig, ReftDataCollator, ReftModel, Representation,
+                          get_reft_model, last_token_locations, make_data_module,
+                          make_last_position_supervised_data_module, make_multiple_position_supervised_data_module,
+                          prefix_suffix_locations, read_adapter, reft_example)
 from .interop import load_pyreft, save_pyreft
 from .ops import (AdapterBank, AdapterParams, EditSpec, direft, loreft, mixed_reft_edit, mixed_reft_edit_flat,
                   orthonormalize, reft_edit, stack_adapters)
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdapterBank", "AdapterParams", "BACKEND_ENV", "BY_PYREFT_NAME", "COMPONENTS", "ReftConfig", "ReftDataCollator",
-    "ReftModel", "Representation", "get_reft_model", "last_token_locations", "load_pyreft", "make_data_module",
-    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module", "save_pyreft",
-    "prefix_suffix_locations", "reft_example", "ConsReFT", "DiReFT", "EditSpec", "INTERVENTIONS", "LoReFT", "LobiReFT",
+    "Adapter", "AdapterBank", "AdapterParams", "BACKEND_ENV", "BY_PYREFT_NAME", "COMPONENTS", "ReftConfig",
+    "ReftDataCollator", "ReftModel", "Representation", "get_reft_model", "last_token_locations", "load_pyreft",
+    "make_data_module", "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
+    "save_pyreft", "prefix_suffix_locations", "read_adapter", "reft_example", "ConsReFT", "DiReFT", "EditSpec",
+    "INTERVENTIONS", "LoReFT", "LobiReFT",
     "NoReFT", "OrthoDiReFT", "Orthonormal", "ReftIntervention", "direft", "loreft", "orthonormal_batch",
     "mixed_reft_edit", "mixed_reft_edit_flat", "orthonormality_error", "orthonormalize", "reft_edit",
     "stack_adapters", "__version__",

@@ -68,3 +68,20 @@ def tiny_model(arch: str, seed: int = 0, head: str = "auto", **overrides) -> tor
     else:
         raise ValueError(f"head must be 'auto', 'causal', 'classify' or 'masked', got {head!r}")
     return model.eval()
+
+
+TEXT = "abcdefghijklmnopqrstuvwxyz ?!.,"
+
+
+def char_tokenizer():
+    """A character tokenizer with BOS (1) prepended and EOS (2), as a transformers fast tokenizer (no
+    download)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(TEXT)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>",
+                                                clean_up_tokenization_spaces=False)

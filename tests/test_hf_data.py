@@ -6,24 +6,11 @@ import inspect
 import pytest
 import torch
 import transformers
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-
 import reft_kernels as rk
+from hf_models import char_tokenizer as _tokenizer
 from hf_models import tiny_model
 
-TEXT = "abcdefghijklmnopqrstuvwxyz ?!.,"
 PAIRS = [("what is one?", "a"), ("say hello.", "hi"), ("count: ", "ab"), ("ok?", "y")]
-
-
-def _tokenizer():
-    """A character tokenizer with BOS (1) prepended and EOS (2), as a transformers fast tokenizer (no
-    download)."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(TEXT)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>", clean_up_tokenization_spaces=False)
 
 
 def _reft(positions="f1+l1", **config):

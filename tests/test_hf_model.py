@@ -75,11 +75,14 @@ def _with_reference():
     return reft, ref_model, ids, mask, locs
 
 
-def test_forward_matches_reference_and_needs_locations():
+def test_forward_matches_reference_and_locations_default_to_the_scheme():
     reft, ref_model, ids, mask, locs = _with_reference()
     out = reft(input_ids=ids, attention_mask=mask, intervention_locations=locs).logits
     torch.testing.assert_close(out, ref_model(input_ids=ids, attention_mask=mask).logits, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="intervention_locations is required"):
+    # omitted: the adapter's position scheme on the attention mask, the same locations reft.locations gives
+    assert torch.equal(reft(input_ids=ids, attention_mask=mask).logits, out)
+    reft.reft_config.positions = None
+    with pytest.raises(ValueError, match="intervention_locations is required.*'default'.*positions"):
         reft(input_ids=ids, attention_mask=mask)
     with pytest.raises(ValueError, match=r"\[B=3, n_interventions=2, P\]"):
         reft(input_ids=ids, attention_mask=mask, intervention_locations=locs[:, :1])

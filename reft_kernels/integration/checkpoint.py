@@ -1,7 +1,9 @@
 """reft_kernels' adapter directory: what ReftModel.save_pretrained writes and from_pretrained reads, checked so
 that a loaded adapter is the adapter that was saved, or a clear error names the file and what is wrong.
 
-One adapter is one directory (several adapters: one directory each, each with its own record):
+One adapter is one directory (several adapters: one directory each, each with its own record; ReftModel's
+save_pretrained writes the adapter "default" in the directory given and every other one in a subfolder named
+after it, PEFT's layout):
 - reft_model.safetensors: the adapter's tensors (ReftModel.state_dict(): "interventions.<key>.<name>" and
   "model.<unfrozen module>.<name>").
 - reft_config.json: {"format": "reft_kernels", "format_version": 2, "reft_kernels_version", "config" (the
@@ -101,6 +103,12 @@ def _not_an_adapter(directory: str) -> Exception:
     if "config.json" in names and any(n.startswith("intkey_") for n in names):
         return FileNotFoundError(f"{directory} is a pyreft checkpoint (config.json, intkey_*.bin), not one written by "
                                  "ReftModel.save_pretrained: load it with reft_kernels.load_pyreft(model, directory)")
+    named = sorted(n for n in names if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
+    if named:  # save_pretrained of adapters none of which is "default": one subfolder each (PEFT's layout)
+        return FileNotFoundError(f"{os.path.join(directory, CONFIG_NAME)} not found: {directory} holds the adapters "
+                                 f"{named} in subfolders (save_pretrained puts every adapter but 'default' in one): "
+                                 f"ReftModel.from_pretrained(model, '{os.path.join(directory, named[0])}', "
+                                 f"adapter_name={named[0]!r}), then reft.load_adapter(directory, name, subfolder=name)")
     return FileNotFoundError(f"{os.path.join(directory, CONFIG_NAME)} not found: not a directory written by "
                              "ReftModel.save_pretrained")
 

@@ -9,18 +9,23 @@
     out = reft.generate(input_ids=prompt, attention_mask=prompt_mask, intervention_locations=locs,
                         max_new_tokens=32)
     reft.save_pretrained("adapter/"); reft = rk.ReftModel.from_pretrained(model, "adapter/")
+    reft.load_adapter("other/", adapter_name="other")                # named adapters: integration/adapters.py
+    out = reft.generate(**batch, adapter_names=["default", "other", "__base__"], max_new_tokens=32)  # per row
 
 How it runs (and what it fixes in pyreft, ../shared/notes/reft-semantics.md)
-- One hook per (layer, component) site, registered once at construction and removed only by
-  ReftModel.remove_hooks() (never other libraries' hooks). A site applies its interventions in order, each
+- One hook per (layer, component) site any adapter edits, registered when the first adapter editing it is
+  added, removed when the last one is deleted or by ReftModel.remove_hooks() (never other libraries'
+  hooks). A site applies the call's edits in order (its plan: integration/plans.py; one adapter's
+  interventions, several composed ones in turn, or one mixed-op launch per slot for a mixed batch), each
   editing the hidden states in place at its positions with the fused op: no clone of the activation.
 - Per-call state (the locations, where the current forward's tokens start) lives in a ContextVar set by
   forward and generate: two threads running two batches never see each other's positions, and a base-model call
   outside ReftModel runs unedited.
-- Locations stay on the device: one transpose + copy per forward, then a view per intervention; no
-  Python lists, no host sync.
-- Every trainable orthonormal R of the adapter is computed once per forward or generate call, all in one
-  batched group (reft_kernels.orthonormal_batch); a frozen adapter's R comes from each module's cache.
+- Locations stay on the device: one transpose + copy per forward, then a view per intervention (a mixed
+  batch: one gather per call for every site's positions and bank rows); no Python lists, no host sync.
+  Omitted, they come from each adapter's position scheme and the (prompt's) attention mask.
+- Every trainable orthonormal R of the call's adapters is computed once per forward or generate call, all in
+  one batched group (reft_kernels.orthonormal_batch); a frozen adapter's R comes from each module's cache.
 - Gradient checkpointing: the checkpoint function of the base model is wrapped so that the recomputation
   in the backward sees the same per-call state (pyreft's recomputation runs without its hooks).
 - Edits follow absolute positions. Before each forward of the base model a pre-hook reads where this
@@ -39,13 +44,14 @@ How it runs (and what it fixes in pyreft, ../shared/notes/reft-semantics.md)
 - pyreft's call forms (reft.generate(prompt, unit_locations=..., intervene_on_prompt=True) and `_, out = `)
   are converted where unambiguous and refused with what to pass otherwise: integration/pyreft_calls.py.
 - eval()/train() reach the interventions (dropout is off in eval).
-- state_dict() is the adapter only (interventions and unfrozen modules): Trainer checkpoints hold the
-  adapter, not a copy of the frozen model. save_pretrained / from_pretrained: integration/checkpoint.py (an
-  integrity record; every tensor checked against the config at load).
+- state_dict() is the adapters only (interventions and unfrozen modules): Trainer checkpoints hold the
+  adapters, not a copy of the frozen model. save_pretrained / from_pretrained: integration/checkpoint.py (an
+  integrity record; every tensor checked against the config at load), one directory per adapter.
 - forward's signature, as inspect.signature shows it, lists the base model's inputs: transformers' Trainer
   keeps the dataset columns that name one, so remove_unused_columns=False is not needed.
 - Several ReftModels on one base model: each one's hooks edit only in its own calls; building another on a
-  base that still carries hooks warns (integration/model.py, _register_on_base).
+  base that still carries hooks warns (integration/model.py, _register_on_base). Several adapters on one
+  model: one ReftModel holding them by name (integration/adapters.py).
 """
 from __future__ import annotations
 
@@ -56,20 +62,22 @@ import inspect
 import os
 import warnings
 import weakref
-from collections import OrderedDict
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..modules.interventions import INTERVENTIONS, ReftIntervention, check_backend
-from ..modules.orthonormal import _BATCHED, Orthonormal, orthonormal_batch
+from ..modules.interventions import check_backend
+from ..modules.orthonormal import _BATCHED, orthonormal_batch
 from . import checkpoint as _ckpt
 from . import pyreft_calls
+from .adapters import (BASE, DEFAULT, Adapter, AdapterRegistry, adapter_path, check_adapter_name, check_base,
+                       from_saved, saved_path)
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .config import ReftConfig
 from .locate import component_site, find_layers, hidden_size
-from .positions import check_locations, scheme_locations
+from .plans import MixedPlan, Plan, SharedBanks, pad_cat, scheme_rows
+from .positions import check_locations
 
 
 @dataclasses.dataclass
@@ -77,23 +85,34 @@ class _Call:
     """What one forward/generate call needs at the hooks."""
 
     owner: "ReftModel"
-    locations: torch.Tensor  # [n_interventions, B, P] int64 on the model's device
+    locations: torch.Tensor  # [N, B, P] int64 on the model's device (N: the plan's location rows)
     caller_storage: tuple  # data_ptrs of caller tensors the edit must not write into (inputs_embeds)
     bound: Optional[int] = None  # generate: the prompt's length; no location at or past it is edited
+    plan: Any = None  # plans.Plan or plans.MixedPlan: the edits of each site
+    ids: Optional[torch.Tensor] = None  # mixed batches: [S, B] each slot's bank row per row (-1: none)
+    banks: Any = None  # mixed batches: plans.SharedBanks, or the call's token for its own banks (None: per forward)
     offset: int = 0  # where the current base-model forward's first token sits in the sequence (host int)
     fed: dict = dataclasses.field(default_factory=dict)  # id(cache) -> (cache, its length after the last forward)
     window: Optional[tuple] = None  # ((rows, offset, tokens), locations of that forward): computed once a forward
 
     def for_batch(self, batch: int) -> torch.Tensor:
         """Locations for a batch of `batch` rows: generate() expands rows for beams and return sequences
-        (row b becomes rows b*k .. b*k + k - 1, as transformers' repeat_interleave does)."""
+        (row b becomes rows b*k .. b*k + k - 1, as transformers' repeat_interleave does); a mixed batch's
+        bank indices are expanded with them."""
         B = self.locations.shape[1]
         if batch == B:
             return self.locations
         if batch % B:
             raise ValueError(f"hidden states have {batch} rows but intervention_locations has {B}")
         self.locations = self.locations.repeat_interleave(batch // B, dim=1)
+        if self.ids is not None:
+            self.ids = self.ids.repeat_interleave(batch // B, dim=1)
         return self.locations
+
+    def ids_for(self, batch: int) -> torch.Tensor:
+        """A mixed batch's bank indices [S, batch]."""
+        self.for_batch(batch)
+        return self.ids
 
     def step_locations(self, batch: int, tokens: int) -> Optional[torch.Tensor]:
         """Locations [n, batch, P] of the current forward, which processes absolute positions offset ..
@@ -110,12 +129,11 @@ class _Call:
         return self.window[1]
 
 
+_PLANS = 64  # plans kept (the most recently used): one per adapter set that a call has used
+
 _CALL: contextvars.ContextVar[Optional[_Call]] = contextvars.ContextVar("reft_kernels_call", default=None)
-
-
-def _site_key(layer: int, component: str, copy: int) -> str:
-    """pyvene's key spelling (0.1.7 and later), so checkpoints line up with pyreft's."""
-    return f"layer_{layer}_comp_{component}_unit_pos_nunit_1#{copy}"
+# ids of the ReftModels whose adapters are disabled in this context (ReftModel.disable_adapter)
+_DISABLED: contextvars.ContextVar[frozenset] = contextvars.ContextVar("reft_kernels_disabled", default=frozenset())
 
 
 def _cache_length(cache) -> Union[int, torch.Tensor, None]:
@@ -256,12 +274,14 @@ class _Forward:
         return self.func if obj is None else _BoundForward(self.func, obj)
 
 
-class ReftModel(nn.Module, metaclass=_PyreftHints):
-    """A frozen base model with ReFT interventions hooked in (module docstring).
+class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
+    """A frozen base model with ReFT adapters hooked in (module docstring; named adapters:
+    integration/adapters.py).
 
     Args:
         model: a transformers PreTrainedModel (or any nn.Module with a config and a list of blocks).
-        config: ReftConfig.
+        config: the first adapter's ReftConfig (or an Adapter from reft_kernels.read_adapter, kept as loaded).
+        adapter_name: its name ("default", PEFT's).
         layers_path: dotted path of the block list when it cannot be found generically.
         backend: kernel backend for every intervention: None (automatic: Triton on CUDA, the C++ kernels on
             the CPU; reft_kernels.backend), "triton", "cpp" or "torch".
@@ -269,75 +289,49 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
 
     Attributes:
         model: the base model. config: its config (what transformers utilities read).
-        reft_config: the adapter's ReftConfig.
-        interventions: nn.ModuleDict of the intervention modules, keys as pyvene spells them
+        adapters: the adapters by name (integration.adapters.Adapter: config, interventions, locations()).
+        active_adapters / active_adapter: what a call without adapter_names applies (set_adapter).
+        reft_config: the active adapter's ReftConfig.
+        interventions: the active adapter's nn.ModuleDict of intervention modules, keys as pyvene spells them
             ("layer_{l}_comp_{component}_unit_pos_nunit_1#{k}"), in the order intervention_locations indexes.
-        num_interventions: len(interventions), the n of intervention_locations [B, n, P] (twice the number of
-            representations with share_weights=False and a "f{p}+l{s}" scheme).
+        num_interventions: the n of intervention_locations [B, n, P] for the active adapter(s) (twice the
+            number of representations with share_weights=False and a "f{p}+l{s}" scheme; the sum when several
+            are composed).
         dim: the hidden width the interventions edit. device: where the interventions live.
 
-    Methods: forward / generate (native and pyreft call forms), locations(attention_mask),
-    save_pretrained / from_pretrained, remove_hooks, gradient_checkpointing_enable,
+    Methods: forward / generate (native and pyreft call forms, adapter_names=[...] per row),
+    locations(attention_mask), load_adapter / add_adapter / delete_adapter / set_adapter /
+    disable_adapter, save_pretrained / from_pretrained, remove_hooks, gradient_checkpointing_enable,
     print_trainable_parameters. pyreft's save / load / set_device ... raise an AttributeError naming the
     replacement.
     """
 
-    def __init__(self, model: nn.Module, config: ReftConfig, *, layers_path: Optional[str] = None,
-                 backend: Optional[str] = None, freeze: bool = True):
+    def __init__(self, model: nn.Module, config: Union[ReftConfig, Adapter], *, adapter_name: str = DEFAULT,
+                 layers_path: Optional[str] = None, backend: Optional[str] = None, freeze: bool = True):
         super().__init__()
-        if not isinstance(config, ReftConfig):
+        if not isinstance(config, (ReftConfig, Adapter)):
             raise TypeError(f"config must be a reft_kernels.ReftConfig, got {type(config).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be the base torch.nn.Module (a transformers model), got {type(model).__name__}")
         check_backend(backend)
+        adapter_name = check_adapter_name(adapter_name)
         self.model = model
-        self.reft_config = config
+        self.backend = backend
         self.layers_path, layers = find_layers(model, layers_path)
         self.dim = hidden_size(model)
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        self._init_registry()
+        self._site_handles: dict[tuple[int, str], Any] = {}
+        self._handles: list = []
+        self._removed = False
         if freeze:
             model.requires_grad_(False)
-        for name in config.unfrozen_modules:
-            try:
-                model.get_submodule(name).requires_grad_(True)
-            except AttributeError as e:
-                raise ValueError(f"unfrozen_modules: {name!r} is not a submodule of {type(model).__name__}") from e
-
-        self.interventions = nn.ModuleDict()
-        sites: dict[tuple[int, str], list[tuple[int, ReftIntervention]]] = {}
-        for index, (rep, copy) in enumerate(config.interventions()):
-            if rep.layer >= len(layers):
-                raise ValueError(f"representation layer {rep.layer} is out of range: {type(model).__name__} has "
-                                 f"{len(layers)} layers ({self.layers_path})")
-            cls = INTERVENTIONS[rep.intervention]
-            kwargs: dict[str, Any] = dict(dtype=rep.dtype, act=rep.act, dropout=rep.dropout, device=device,
-                                          backend=backend)
-            if cls.orthonormal:
-                kwargs["parametrization"] = rep.parametrization
-            if rep.add_bias:
-                kwargs["add_bias"] = True
-            if not cls.source_linear:
-                kwargs.pop("act")
-            key = _site_key(rep.layer, rep.component, copy)
-            while key in self.interventions:  # the same site named twice: pyvene numbers the copies
-                copy += 1
-                key = _site_key(rep.layer, rep.component, copy)
-            self.interventions[key] = cls(self.dim, rep.low_rank_dimension, **kwargs)
-            sites.setdefault((rep.layer, rep.component), []).append((index, self.interventions[key]))
-        self.num_interventions = len(self.interventions)
-        self._orthonormals = [m for m in self.interventions.modules() if isinstance(m, Orthonormal)]
-
-        self._handles = []
+        adapter = config if isinstance(config, Adapter) else Adapter(
+            adapter_name, config, self.dim, num_layers=len(layers), device=self._model_device(), backend=backend,
+            layers_path=f"{type(model).__name__} ({self.layers_path})")
+        self._model_tensors(adapter.config)  # a missing unfrozen module is named before any hook is added
         self._register_on_base(model)
-        for (layer, component), site in sites.items():
-            _, module, which = component_site(layers[layer], component)
-            if which == "input":
-                self._handles.append(module.register_forward_pre_hook(self._input_hook(site), with_kwargs=True))
-            else:
-                self._handles.append(module.register_forward_hook(self._output_hook(site)))
+        self._attach(adapter_name, adapter)
+        self._active = [adapter_name]
         # before each forward of the base model: where its tokens start in the sequence
         self._handles.append(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
         self._checkpointed = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
@@ -353,18 +347,26 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
         owner), so an older one left attached does not change this one's outputs, and it keeps working
         through its own forward/generate. Its hooks stay until its remove_hooks(): building a second one
         warns, since a user who reloads an adapter onto the model it was trained on usually meant to replace
-        the first (and this one's freeze re-freezes the other's unfrozen_modules)."""
+        the first (and this one's freeze re-freezes the other's unfrozen_modules). Several adapters on one
+        model: one ReftModel, reft.load_adapter / add_adapter."""
         refs = [r for r in model.__dict__.get(self._ADAPTERS, []) if r() is not None and r()._handles]
         if refs:
             others = [r() for r in refs]
-            unfrozen = sorted({m for o in others for m in o.reft_config.unfrozen_modules})
+            unfrozen = sorted({m for o in others for m in o._unfrozen()})
             warnings.warn(
                 f"this {type(model).__name__} already carries the hooks of {len(others)} other ReftModel(s). They stay "
                 "attached and edit only in their own forward/generate calls, so this adapter's outputs are its own; "
-                "call old_reft.remove_hooks() on the one(s) you replace"
+                "call old_reft.remove_hooks() on the one(s) you replace (several adapters on one model: "
+                "old_reft.load_adapter(...) / add_adapter(...))"
                 + (f" (their unfrozen_modules {unfrozen} were frozen again unless this config unfreezes them)"
                    if unfrozen else ""), stacklevel=4)
         model.__dict__[self._ADAPTERS] = refs + [weakref.ref(self)]
+
+    def _model_device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
 
     def __getattr__(self, name: str):
         try:
@@ -383,11 +385,14 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
             state.offset = _past_length(state, args, kwargs)
         return None
 
-    def _edit(self, site, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """Applies a site's interventions to hidden [B, T, d]; returns the tensor to pass on, or None when
-        there is nothing to do in this forward (decided on the host)."""
+    def _edit(self, site: tuple[int, str], hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """Applies the call's edits at `site` (its plan: integration/plans.py) to hidden [B, T, d]; returns the
+        tensor to pass on, or None when there is nothing to do in this forward (decided on the host)."""
         state = _CALL.get()
         if state is None or state.owner is not self or (state.bound is not None and state.offset >= state.bound):
+            return None
+        edits = state.plan.sites.get(site)
+        if not edits:
             return None
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise ValueError(f"a ReFT site got {type(hidden).__name__} {getattr(hidden, 'shape', '')}; expected "
@@ -398,9 +403,37 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
         # in place, except into a tensor the caller owns (inputs_embeds) or a leaf that requires grad
         if (hidden.is_leaf and hidden.requires_grad) or hidden.untyped_storage().data_ptr() in state.caller_storage:
             hidden = hidden.clone()
-        for index, intervention in site:
-            hidden = intervention(hidden, locations[index])
+        for edit in edits:
+            hidden = edit.apply(hidden, locations, state, self)
         return hidden
+
+    def _check_hooked(self) -> None:
+        if self._removed:
+            raise RuntimeError("this ReftModel's hooks were removed (remove_hooks()): it takes no more adapters; "
+                               "build a new one (get_reft_model / ReftModel.from_pretrained)")
+
+    def _hook_sites(self, adapter: Adapter) -> None:
+        """One hook per (layer, component) site any adapter edits, added when the first adapter editing it is."""
+        layers = self.model.get_submodule(self.layers_path)
+        for site in adapter.sites:
+            if site in self._site_handles:
+                continue
+            layer, component = site
+            _, module, which = component_site(layers[layer], component)
+            if which == "input":
+                handle = module.register_forward_pre_hook(self._input_hook(site), with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(self._output_hook(site))
+            self._site_handles[site] = handle
+            self._handles.append(handle)
+
+    def _unhook_unused_sites(self) -> None:
+        """Removes the hooks of sites no adapter edits any more (delete_adapter)."""
+        used = {site for a in self._registry.values() for site in a.sites}
+        for site in [s for s in self._site_handles if s not in used]:
+            handle = self._site_handles.pop(site)
+            handle.remove()
+            self._handles.remove(handle)
 
     def _output_hook(self, site):
         def reft_output_hook(module, args, output):
@@ -442,6 +475,8 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._site_handles = {}
+        self._removed = True
         refs = self.model.__dict__.get(self._ADAPTERS, [])
         self.model.__dict__[self._ADAPTERS] = [r for r in refs if r() is not None and r() is not self]
         for m in self._checkpointed:
@@ -458,7 +493,11 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
 
     @property
     def device(self) -> torch.device:
-        return next(self.interventions.parameters()).device
+        """Where the adapters live (the base model's device before any adapter has parameters)."""
+        for adapter in self._registry.values():
+            for p in adapter.interventions.parameters():
+                return p.device
+        return self._model_device()
 
     def _wrap_checkpointing(self) -> None:
         for m in self._checkpointed:
@@ -467,18 +506,23 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
                 m._gradient_checkpointing_func = _carry_call_state(f)
 
     @contextlib.contextmanager
-    def _call(self, intervention_locations, batch: int, prompt_length: Optional[int] = None, caller_tensors=()):
+    def _call(self, intervention_locations, batch: int, prompt_length: Optional[int] = None, caller_tensors=(),
+              adapter_names: Optional[Sequence[str]] = None, mask=None):
         """The per-call state around one forward or generate. prompt_length (generate): locations index the
-        prompt; any at or past its end are never edited (checked on the CPU, masked on a device)."""
+        prompt; any at or past its end are never edited (checked on the CPU, masked on a device).
+        adapter_names: one adapter per row (a mixed batch), else the active adapters. mask: a callable giving
+        the prompt's attention mask [B, T], for locations from the adapters' position schemes."""
         if not self._handles:
             raise RuntimeError("this ReftModel's hooks were removed (remove_hooks()): it can no longer edit; build "
                                "a new one (get_reft_model / ReftModel.from_pretrained), or call reft.model(...) for "
                                "the base model")
-        if intervention_locations is None:
-            raise ValueError("intervention_locations is required ([B, n_interventions, P] int64, -1 = no edit; "
-                             "reft_model.locations(prompt_attention_mask) builds it). To run the base model "
-                             "unedited, call reft_model.model(...)")
-        locations = check_locations(intervention_locations, batch, self.num_interventions, self.device)
+        if self._disabled():
+            yield  # disable_adapter(): the base model, unedited
+            return
+        plan, locations, ids, banks = self._plan_call(intervention_locations, batch, adapter_names, mask)
+        if plan is None:
+            yield  # every row "__base__"
+            return
         if prompt_length is not None:
             if locations.device.type == "cpu" and locations.numel() and int(locations.max()) >= prompt_length:
                 raise ValueError(f"intervention_locations must index the prompt (positions -1 .. {prompt_length - 1}: "
@@ -486,16 +530,135 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
             locations = torch.where(locations < prompt_length, locations, -1)
         storage = tuple(t.untyped_storage().data_ptr() for t in caller_tensors if isinstance(t, torch.Tensor))
         self._wrap_checkpointing()
-        token = _CALL.set(_Call(self, locations, storage, bound=prompt_length))
+        if self._shared is not None:  # trainable adapters of this call: their shared-bank rows are rebuilt later
+            trainable = [a.name for a in plan.adapters if a.requires_grad()]
+            if trainable:
+                self._shared.forget(trainable)
+        state = _Call(self, locations, storage, bound=prompt_length, plan=plan, ids=ids, banks=banks)
+        token = _CALL.set(state)
         try:
-            # every trainable R once per call, all layers in one batch (frozen ones come from their caches)
-            if any(p.requires_grad for m in self._orthonormals for p in m.parameters()):
-                with orthonormal_batch(self._orthonormals):
+            # every trainable R of the call's adapters once per call, all layers in one batch (frozen ones come
+            # from their caches)
+            orthonormals = [m for a in plan.adapters for m in a.orthonormals]
+            if any(p.requires_grad for m in orthonormals for p in m.parameters()):
+                with orthonormal_batch(orthonormals):
                     yield
             else:
                 yield
         finally:
             _CALL.reset(token)
+
+    def _plan_call(self, intervention_locations, batch: int, adapter_names, mask):
+        """(plan, locations [N, B, P] on the adapters' device, bank rows [S, B] or None, the banks' source) for
+        a call; Nones when every row is "__base__". See integration/plans.py."""
+        device = self.device
+        if adapter_names is None:
+            if not self._active:
+                raise ValueError(f"no adapter is active (adapters: {list(self._registry)}): set_adapter(name), or pass "
+                                 "adapter_names=[...] (one per row); the base model alone: reft.model(...)")
+            return self._single(tuple(self._active), intervention_locations, batch, mask, device) + (None, None)
+        names = self._row_names(adapter_names, batch)
+        present = set(names)
+        used = tuple(sorted(present - {BASE}))  # (sorted: one plan per set of adapters, no loop over all of them)
+        if not used:
+            return None, None, None, None
+        base = BASE in present
+        if len(used) == 1:  # one adapter (and "__base__" rows): the single-adapter path
+            plan, locations = self._single(used, intervention_locations, batch, mask, device)
+            if base:
+                rows = torch.tensor([n == BASE for n in names]).to(device, non_blocking=True)
+                locations = locations.masked_fill(rows[None, :, None], -1)
+            return plan, locations, None, None
+        plan = self._plan(("mixed", used), lambda: MixedPlan([self._registry[n] for n in used], self._shared_banks()))
+        rows = [plan.index.get(n, len(used)) for n in names]
+        if intervention_locations is None:
+            self._need_schemes(plan.adapters)
+            rows_locations = scheme_rows(plan.adapters, rows, self._mask(mask), plan.num_locations).to(device)
+        else:
+            rows_locations = self._check_locations(intervention_locations, batch, plan.num_locations, device,
+                                                   f"a mixed batch of {list(used)}: n = the most interventions any "
+                                                   "of them has; row b uses its adapter's first n_a").transpose(0, 1)
+        if not any(a.requires_grad() for a in plan.adapters):  # frozen: the model's shared banks
+            banks = self._shared_banks()
+            banks.validate(plan.adapters)
+        else:  # trainable: the batch's own banks, once per call under no_grad, every forward with autograd
+            banks = None if torch.is_grad_enabled() else object()
+        positions, ids = plan.gather(torch.tensor(rows).to(device, non_blocking=True), rows_locations,
+                                     shared=isinstance(banks, SharedBanks))
+        return plan, positions, ids, banks
+
+    def _plan(self, key: tuple, build):
+        """The plan of an adapter configuration, kept for later calls (the _PLANS most recently used)."""
+        plan = self._plans.pop(key, None)  # re-inserted below: the most recently used last
+        if plan is None:
+            plan = build()
+            while len(self._plans) >= _PLANS:
+                self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = plan
+        return plan
+
+    def _shared_banks(self) -> SharedBanks:
+        if self._shared is None:
+            self._shared = SharedBanks(list(self._registry.values()))
+        return self._shared
+
+    def _single(self, names: tuple, intervention_locations, batch, mask, device):
+        plan = self._plan(("single", names), lambda: Plan([self._registry[n] for n in names]))
+        if intervention_locations is None:
+            self._need_schemes(plan.adapters)
+            locations = pad_cat([a.locations(self._mask(mask)) for a in plan.adapters], 1)
+        else:
+            locations = intervention_locations
+        what = None if len(names) == 1 else (f"the composition {list(names)}: their locations one after the "
+                                              "other")
+        return plan, self._check_locations(locations, batch, plan.num_locations, device, what)
+
+    @staticmethod
+    def _need_schemes(adapters) -> None:
+        missing = [a.name for a in adapters if a.config.positions is None]
+        if missing:
+            raise ValueError(f"intervention_locations is required ([B, n_interventions, P] int64, -1 = no edit; "
+                             f"reft_model.locations(prompt_attention_mask) builds it) when omitted, each row's "
+                             f"positions come from its adapter's position scheme, and adapter(s) {missing} have none: "
+                             "set ReftConfig(positions='f5+l5' or 'last'). To run the base model unedited, call "
+                             "reft_model.model(...) or use `with reft_model.disable_adapter():`")
+
+    @staticmethod
+    def _check_locations(locations, batch, n, device, what):
+        try:
+            return check_locations(locations, batch, n, device)
+        except ValueError as e:
+            if what is None:
+                raise
+            raise ValueError(f"{e} ({what})") from None
+
+    def _row_names(self, adapter_names, batch: int) -> list[str]:
+        names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else None
+        if names is None or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a list of adapter names (str), one per row ('{BASE}': no edit), "
+                            f"got {type(adapter_names).__name__}")
+        if len(names) != batch:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch} rows (one per row)")
+        unknown = sorted({n for n in names if n != BASE and n not in self._registry})
+        if unknown:
+            raise ValueError(f"adapter_names: no adapter named {unknown}; adapters: {list(self._registry)} (and "
+                             f"'{BASE}' for no edit)")
+        return names
+
+    @staticmethod
+    def _mask(mask) -> torch.Tensor:
+        return mask() if callable(mask) else mask
+
+    @staticmethod
+    def _prompt_mask(attention_mask, prompt, what: str):
+        """A callable giving the mask positions are computed from: attention_mask, or ones over the prompt."""
+        def get():
+            if isinstance(attention_mask, torch.Tensor):
+                return attention_mask
+            if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
+                return torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
+            raise ValueError(f"intervention_locations omitted and no attention_mask nor {what} to compute them from")
+        return get
 
     @staticmethod
     def _batch_size(input_ids, kwargs) -> int:
@@ -508,14 +671,22 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
 
     def _forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                  labels: Optional[torch.Tensor] = None, intervention_locations: Optional[torch.Tensor] = None,
-                 **kwargs):
-        """The base model's forward with the edits applied. intervention_locations: [B, n_interventions, P]
-        int (-1 = no edit), required. Other arguments go to the base model unchanged.
+                 adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        """The base model's forward with the edits applied. Other arguments go to the base model unchanged.
+
+        adapter_names: one adapter name per row ("__base__": no edit), a mixed batch (PEFT's argument; here it
+            also trains: each adapter gets the gradient of its rows); None: the active adapter(s).
+        intervention_locations: [B, n, P] int (-1 = no edit): n = the active adapter's num_interventions (the
+            sum when several are composed, their locations one after the other); in a mixed batch n = the most
+            any of its adapters has, row b using its adapter's first n_a. Omitted: each row's positions from
+            its adapter's position scheme (ReftConfig.positions) and attention_mask, the whole input being the
+            prompt (training data, prompt + answer, carries locations of its prompt: make_data_module).
 
         pyreft's form, reft(base_dict, unit_locations={"sources->base": (None, locs)}), is converted and
         returns pyreft's pair (original output or None, edited output); see integration/pyreft_calls.py."""
         if pyreft_calls.is_pyreft_call(input_ids, kwargs):
-            kwargs, original = pyreft_calls.convert(input_ids, kwargs, self.num_interventions, generating=False)
+            kwargs, original = pyreft_calls.convert(input_ids, kwargs, self._num_locations(adapter_names),
+                                                    generating=False)
             if attention_mask is not None:
                 kwargs.setdefault("attention_mask", attention_mask)
             if labels is not None:
@@ -525,14 +696,23 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
                     raise ValueError("give unit_locations (pyreft's form) or intervention_locations, not both")
                 kwargs["intervention_locations"] = intervention_locations
             base = self.model(**{k: v for k, v in kwargs.items() if k != "intervention_locations"}) if original else None
-            return base, self._forward(**kwargs)
+            return base, self._forward(adapter_names=adapter_names, **kwargs)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if labels is not None:
             kwargs["labels"] = labels
         batch = self._batch_size(input_ids, kwargs)
-        with self._call(intervention_locations, batch, caller_tensors=(kwargs.get("inputs_embeds"),)):
+        prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        with self._call(intervention_locations, batch, caller_tensors=(kwargs.get("inputs_embeds"),),
+                        adapter_names=adapter_names, mask=self._prompt_mask(attention_mask, prompt, "input_ids")):
             return self.model(input_ids=input_ids, **kwargs) if input_ids is not None else self.model(**kwargs)
+
+    def _num_locations(self, adapter_names) -> int:
+        """The n of intervention_locations a call with these adapter_names takes."""
+        if adapter_names is None:
+            return self.num_interventions
+        names = set(adapter_names) - {BASE}
+        return max((a.num_interventions for n, a in self._registry.items() if n in names), default=1)
 
     forward = _Forward(_forward)
 
@@ -556,43 +736,73 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
 
     @torch.no_grad()
     def generate(self, input_ids: Optional[torch.Tensor] = None, intervention_locations: Optional[torch.Tensor] = None,
-                 **kwargs):
-        """The base model's generate with the prompt edited. intervention_locations: [B, n_interventions, P] in
-        the prompt's coordinates (left padding: see locations()); positions index the prompt, generated tokens
-        are never edited. Every forward of the base model edits the locations among the tokens it processes,
-        so the tokens are the same with the KV cache (the prompt edited once, at prefill), without it
-        (use_cache=False: every step re-runs the prompt, edited) and with any cache implementation. Other
-        arguments go to the base model's generate; the result is what it returns.
+                 adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        """The base model's generate with the prompt edited. intervention_locations: [B, n, P] in the prompt's
+        coordinates (left padding: see locations()); omitted: each row's positions from its adapter's position
+        scheme and the prompt's attention_mask. adapter_names: one adapter per prompt ("__base__": none), as
+        forward; beams and num_return_sequences repeat each row's adapter with its locations. Positions index
+        the prompt, generated tokens are never edited. Every forward of the base model edits the locations
+        among the tokens it processes, so the tokens are the same with the KV cache (the prompt edited once, at
+        prefill), without it (use_cache=False: every step re-runs the prompt, edited) and with any cache
+        implementation. Other arguments go to the base model's generate; the result is what it returns.
 
         pyreft's form, `_, out = reft.generate(prompt, unit_locations={"sources->base": (None, locs)},
         intervene_on_prompt=True, ...)`, is converted and returns pyreft's pair (original output or None, the
         edited generation); see integration/pyreft_calls.py."""
         if pyreft_calls.is_pyreft_call(input_ids, kwargs):
-            kwargs, original = pyreft_calls.convert(input_ids, kwargs, self.num_interventions, generating=True)
+            kwargs, original = pyreft_calls.convert(input_ids, kwargs, self._num_locations(adapter_names),
+                                                    generating=True)
             if intervention_locations is not None:
                 if "intervention_locations" in kwargs:
                     raise ValueError("give unit_locations (pyreft's form) or intervention_locations, not both")
                 kwargs["intervention_locations"] = intervention_locations
             base = self.model.generate(**{k: v for k, v in kwargs.items() if k != "intervention_locations"}) \
                 if original else None
-            return base, self.generate(**kwargs)
+            return base, self.generate(adapter_names=adapter_names, **kwargs)
         batch = self._batch_size(input_ids, kwargs)
         embeds = kwargs.get("inputs_embeds")
         prompt = embeds if isinstance(embeds, torch.Tensor) else input_ids
         prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
-        with self._call(intervention_locations, batch, prompt_length, (embeds,)):
+        with self._call(intervention_locations, batch, prompt_length, (embeds,), adapter_names=adapter_names,
+                        mask=self._prompt_mask(kwargs.get("attention_mask"), prompt, "prompt")):
             if input_ids is not None:
                 return self.model.generate(input_ids=input_ids, **kwargs)
             return self.model.generate(**kwargs)
 
     def locations(self, attention_mask: torch.Tensor, positions: Optional[str] = None,
-                  share_weights: Optional[bool] = None) -> torch.Tensor:
-        """intervention_locations [B, n_interventions, P] for prompts marked by attention_mask [B, T] (left or
-        right padded), with the adapter's position scheme (reft_config.positions, or `positions`: "f{p}+l{s}"
-        or "last")."""
-        share = self.reft_config.share_weights if share_weights is None else share_weights
-        return scheme_locations(attention_mask, positions if positions is not None else self.reft_config.positions,
-                                num_interventions=self.num_interventions, share_weights=share)
+                  share_weights: Optional[bool] = None, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """intervention_locations for prompts marked by attention_mask [B, T] (left or right padded): what a
+        forward or generate without them computes, to inspect or edit.
+
+        Without adapter_names: [B, num_interventions, P] with the active adapter's position scheme
+        (reft_config.positions, or `positions`: "f{p}+l{s}" or "last"; share_weights likewise); with several
+        composed, theirs one after the other. With adapter_names (one per row): a mixed batch's [B, n, P],
+        n = the most interventions any named adapter has, each row from its own adapter's scheme (-1
+        elsewhere, and for "__base__" rows)."""
+        if adapter_names is None:
+            adapters = [self._registry[n] for n in self._active]
+            if len(adapters) == 1:
+                return adapters[0].locations(attention_mask, positions, share_weights)
+            if positions is not None or share_weights is not None:
+                raise ValueError(f"positions= / share_weights= override one adapter's scheme; {len(adapters)} are "
+                                 f"active ({self._active}): use reft.adapters[name].locations(mask, positions=...)")
+            if not adapters:
+                raise ValueError("no adapter is active: set_adapter(name), or pass adapter_names=[...]")
+            return pad_cat([a.locations(attention_mask) for a in adapters], 1)
+        if positions is not None or share_weights is not None:
+            raise ValueError("positions= / share_weights= do not combine with adapter_names (each row uses its "
+                             "adapter's scheme)")
+        names = self._row_names(adapter_names, attention_mask.shape[0])
+        used = [n for n in self._registry if n in set(names)]
+        if not used:
+            return torch.full((len(names), 1, 1), -1, dtype=torch.long, device=attention_mask.device)
+        adapters = [self._registry[n] for n in used]
+        index = {n: u for u, n in enumerate(used)}
+        rows = [index.get(n, len(used)) for n in names]
+        n = max(a.num_interventions for a in adapters)
+        locations = scheme_rows(adapters, rows, attention_mask, n)
+        base = torch.tensor([u == len(used) for u in rows], device=locations.device)
+        return locations.masked_fill(base[:, None, None], -1)
 
     # -- training helpers -----------------------------------------------------------------------
 
@@ -643,49 +853,7 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
         print(f"trainable intervention params: {trainable:,d} || model params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
-    # -- the adapter's state --------------------------------------------------------------------
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The adapter only: "interventions.<key>.<name>" and "model.<unfrozen module>.<name>" entries."""
-        if args:
-            raise TypeError("ReftModel.state_dict takes keyword arguments only (destination=, prefix=, keep_vars=)")
-        out = destination if destination is not None else OrderedDict()
-        self.interventions.state_dict(destination=out, prefix=prefix + "interventions.", keep_vars=keep_vars)
-        for name in self.reft_config.unfrozen_modules:
-            self.model.get_submodule(name).state_dict(destination=out, prefix=f"{prefix}model.{name}.",
-                                                      keep_vars=keep_vars)
-        return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads what state_dict() gives (adapter only). strict: every adapter key must be present and no
-        other key may be. Checked before anything is copied (a refused state dict leaves the adapter as it
-        was): with strict, the keys; always, that no integer or boolean tensor lands in a floating
-        parameter (torch would cast it silently; shapes are checked by torch)."""
-        own = self.state_dict(keep_vars=True)
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading the ReFT adapter: missing keys {missing}, unexpected keys "
-                               f"{unexpected}")
-        for key, value in state_dict.items():
-            want = own.get(key)
-            if isinstance(value, torch.Tensor) and want is not None and want.dtype.is_floating_point and \
-                    not (value.dtype.is_floating_point or value.dtype.is_complex):
-                raise RuntimeError(f"Error(s) in loading the ReFT adapter: {key} is {value.dtype}, the adapter holds "
-                                   f"{want.dtype}: not a state dict of this adapter, or a damaged one")
-        parts: dict[str, tuple[nn.Module, dict]] = {"interventions.": (self.interventions, {})}
-        for name in self.reft_config.unfrozen_modules:
-            parts[f"model.{name}."] = (self.model.get_submodule(name), {})
-        for key, value in state_dict.items():
-            for prefix, (_, sub) in parts.items():
-                if key.startswith(prefix):
-                    sub[key[len(prefix):]] = value
-                    break
-        for module, sub in parts.values():
-            module.load_state_dict(sub, strict=False, assign=assign)
-        for m in self._orthonormals:
-            m._cache = None
-        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+    # -- saving and loading -----------------------------------------------------------------------
 
     def _base_signature(self) -> dict:
         cfg = getattr(self.model, "config", None)
@@ -694,46 +862,66 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
                 "layers_path": self.layers_path}
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], state_dict: Optional[dict] = None,
-                        is_main_process: bool = True, format: str = "reft_kernels", **_ignored) -> None:
-        """Writes reft_config.json (everything needed to rebuild: representations, position scheme, unfrozen
-        modules, the base model's width and depth, and an integrity record: the SHA-256 of the weights and of
-        the config, checked by from_pretrained) and reft_model.safetensors (the adapter state). See
-        integration/checkpoint.py.
+                        is_main_process: bool = True, format: str = "reft_kernels",
+                        selected_adapters: Optional[Sequence[str]] = None, **_ignored) -> None:
+        """Writes every adapter (or those in selected_adapters), PEFT's layout: the adapter "default" in
+        save_directory, each other one in save_directory/<name>/. Each directory holds reft_config.json
+        (everything needed to rebuild: representations, position scheme, unfrozen modules, the base model's
+        width and depth, and an integrity record: the SHA-256 of the weights and of the config, checked at
+        load) and reft_model.safetensors (the adapter's state, keyed "interventions.<key>.<name>" whatever
+        the adapter's name). See integration/checkpoint.py. ReftModel.from_pretrained(model, dir) loads the
+        "default" one; reft.load_adapter(dir, name, subfolder=name) each other one.
 
-        state_dict: the adapter state to write (default: self.state_dict()). Sharded (DTensor) entries, as
-        FSDP2 leaves them, are gathered with full_tensor(), a collective: under FSDP every rank must call
-        this, and only the one with is_main_process=True writes.
-        format="pyreft": a directory pyreft's ReftModel.load reads (reft_kernels.save_pyreft; no dtype, act or
-        dropout is stored there, as pyreft stores none)."""
+        state_dict: the state to write (default: self.state_dict()). Sharded (DTensor) entries, as FSDP2
+        leaves them, are gathered with full_tensor(), a collective: under FSDP every rank must call this, and
+        only the one with is_main_process=True writes.
+        format="pyreft": directories pyreft's ReftModel.load reads (reft_kernels.save_pyreft, same layout; no
+        dtype, act or dropout is stored there, as pyreft stores none)."""
+        names = self._selected(selected_adapters)
         if format == "pyreft":
             if state_dict is not None:
                 raise ValueError("format='pyreft' saves the live adapter; state_dict= is not supported")
             if is_main_process:
                 from ..interop.pyreft_checkpoint import save_pyreft
 
-                save_pyreft(self, save_directory)
+                for name in names:
+                    save_pyreft(self, saved_path(save_directory, name), adapter_name=name)
             return
         if format != "reft_kernels":
             raise ValueError(f"format must be 'reft_kernels' or 'pyreft', got {format!r}")
         from .. import __version__
 
         state = self.state_dict() if state_dict is None else state_dict
+        per_adapter = {name: self.adapter_state(state, name) for name in names}
+        if selected_adapters is None:
+            prefixes = tuple(f"{adapter_path(n)}." for n in names) + tuple(f"model.{m}." for m in self._unfrozen())
+            stray = [k for k in state if not k.startswith(prefixes)]
+            if stray:
+                raise ValueError(f"state_dict holds entries of no adapter of this model: {stray[:5]}")
         tensors = {}
-        for key, value in state.items():
-            if hasattr(value, "full_tensor"):  # a torch.distributed DTensor shard
-                value = value.full_tensor()
-            tensors[key] = value.detach().to("cpu").contiguous().clone()
+        for name in names:
+            out = {}
+            for key, value in per_adapter[name].items():
+                if hasattr(value, "full_tensor"):  # a torch.distributed DTensor shard
+                    value = value.full_tensor()
+                out[key] = value.detach().to("cpu").contiguous().clone()
+            tensors[name] = out
         if not is_main_process:
             return
-        _ckpt.write(save_directory, self.reft_config, self._base_signature(), tensors, __version__)
+        for name in names:
+            _ckpt.write(saved_path(save_directory, name), self._registry[name].config, self._base_signature(),
+                        tensors[name], __version__)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: Union[str, os.PathLike], *,
-                        backend: Optional[str] = None, layers_path: Optional[str] = None,
+    def from_pretrained(cls, model: nn.Module, directory: Union[str, os.PathLike], *, adapter_name: str = DEFAULT,
+                        is_trainable: bool = True, backend: Optional[str] = None, layers_path: Optional[str] = None,
                         freeze: bool = True, verify: bool = True) -> "ReftModel":
         """Rebuilds an adapter saved by save_pretrained on `model`, which must have the saved model's width
-        and number of layers (ValueError otherwise). pyreft's argument order, from_pretrained(directory,
-        model), is accepted too.
+        and number of layers (ValueError otherwise), under `adapter_name` (PEFT's argument). pyreft's argument
+        order, from_pretrained(directory, model), is accepted too. The directory's subfolders (the other
+        adapters of a save) are not read: reft.load_adapter(directory, name, subfolder=name) adds each.
+        is_trainable (default True, as before named adapters existed; PEFT's default is False): whether the
+        adapter's parameters require grad.
 
         Checked (integration/checkpoint.py): the config parses and every field is valid; the integrity record
         matches (a changed byte or field is an error naming the file; verify=False skips this check, for files
@@ -744,32 +932,34 @@ class ReftModel(nn.Module, metaclass=_PyreftHints):
         if not isinstance(model, nn.Module):
             raise TypeError(f"from_pretrained(model, directory): model must be the base torch.nn.Module, got "
                             f"{type(model).__name__}")
+        adapter_name = check_adapter_name(adapter_name)
         saved = _ckpt.read(directory, verify=verify)
         base = saved.base_model
         layers_path = layers_path if layers_path is not None else base["layers_path"]
         _, layers = find_layers(model, layers_path)
-        width = hidden_size(model)
-        if width != base["hidden_size"] or len(layers) != base["num_layers"]:
-            raise ValueError(f"the adapter in {saved.directory} was trained on a {base['class']} with hidden size "
-                             f"{base['hidden_size']} and {base['num_layers']} layers; this {type(model).__name__} has "
-                             f"hidden size {width} and {len(layers)} layers")
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if base["model_type"] and model_type != base["model_type"]:
-            warnings.warn(f"the adapter was trained on model_type {base['model_type']!r}, loading it on "
-                          f"{model_type!r}", stacklevel=2)
-        reft = cls(model, saved.config, layers_path=layers_path, backend=backend, freeze=freeze)
+        check_base(saved, model, hidden_size(model), len(layers), stacklevel=3)
         try:
-            _ckpt.check_tensors(saved, reft.state_dict(), castable=lambda key: key.startswith("model."))
-            reft.load_state_dict(saved.tensors)
-        except Exception:
-            reft.remove_hooks()  # a failed load leaves no hooks on the base model
-            raise
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        expected = {}
+        for m in saved.config.unfrozen_modules:
+            try:
+                expected.update(model.get_submodule(m).state_dict(prefix=f"model.{m}.", keep_vars=True))
+            except AttributeError as e:
+                raise ValueError(f"unfrozen_modules: {m!r} is not a submodule of {type(model).__name__}") from e
+        adapter = from_saved(saved, adapter_name, device=device, backend=backend, expected_model=expected)
+        reft = cls(model, adapter, adapter_name=adapter_name, layers_path=layers_path, backend=backend, freeze=freeze)
+        if not is_trainable:
+            adapter.interventions.requires_grad_(False)
         return reft
 
 
-def get_reft_model(model: nn.Module, config: ReftConfig, **kwargs) -> ReftModel:
-    """pyreft's entry point: the base model, frozen, with the config's interventions hooked in."""
-    return ReftModel(model, config, **kwargs)
+def get_reft_model(model: nn.Module, config: ReftConfig, *, adapter_name: str = DEFAULT, **kwargs) -> ReftModel:
+    """pyreft's (and PEFT's get_peft_model's) entry point: the base model, frozen, with the config's
+    interventions hooked in as adapter `adapter_name` (keyword-only: pyreft's third positional argument,
+    set_device, has no counterpart here)."""
+    return ReftModel(model, config, adapter_name=adapter_name, **kwargs)
 
 
 __all__ = ["CONFIG_NAME", "ReftModel", "WEIGHTS_NAME", "get_reft_model"]

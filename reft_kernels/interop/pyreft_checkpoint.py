@@ -70,16 +70,19 @@ import json
 import os
 import warnings
 import zipfile
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ..integration.adapters import DEFAULT, Adapter
 from ..integration.checkpoint import read_json
 from ..integration.config import ReftConfig, Representation
 from ..integration.locate import find_layers, hidden_size
-from ..integration.model import ReftModel
 from ..modules.interventions import BY_PYREFT_NAME, INTERVENTIONS, ReftIntervention
+
+if TYPE_CHECKING:
+    from ..integration.model import ReftModel
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "pytorch_model.bin"
@@ -387,13 +390,133 @@ def _w_dtype(state: dict) -> Optional[torch.dtype]:
     return None
 
 
+def read_pyreft(directory: PathLike, *, name: str = DEFAULT, dim: Optional[int] = None,
+                num_layers: Optional[int] = None, where: str = "the model",
+                representations: Optional[Sequence[Union[dict, Representation]]] = None,
+                dtype: Optional[torch.dtype] = torch.bfloat16, act: Optional[str] = None, dropout: float = 0.0,
+                add_bias: Optional[bool] = False, positions: Optional[str] = None, share_weights: bool = True,
+                backend: Optional[str] = None, parametrization: str = "stereographic", include_model: bool = True,
+                device=None) -> Adapter:
+    """A pyreft checkpoint directory as an Adapter (config + loaded intervention modules), without a base
+    model: what load_pyreft attaches to a model, ReftModel.load_adapter registers and
+    reft_kernels.read_adapter returns for pyreft's files.
+
+    dim: the model's width (checked against the saved intervention_dimensions; required when the directory
+    has no config.json, or its config does not say). num_layers, where: the model's depth and a name for it in
+    errors (an adapter editing a deeper layer is refused). The base-model weights of pytorch_model.bin
+    (include_model) become the adapter's model_state ("model.<name>") and their modules its
+    unfrozen_modules. The other arguments: load_pyreft's."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory (a pyreft checkpoint is a directory of "
+                                "config.json and intkey_*.bin files)")
+    if not any(n.startswith("intkey_") and n.endswith(".bin") for n in os.listdir(directory)):
+        raise FileNotFoundError(f"{directory} has no intkey_*.bin file: not a pyreft/pyvene checkpoint")
+    has_config = os.path.isfile(os.path.join(directory, CONFIG_FILE))
+    if not has_config and representations is None:
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_FILE} (a pyreft Trainer checkpoint, checkpoint-N/intervenable_model, "
+            "stores only the weights): pass representations=[{'layer': ..., 'component': ..., 'intervention': "
+            "..., 'low_rank_dimension': ...}, ...] as the adapter was built")
+    saved = _read_config(directory) if has_config else None
+    untied = ReftConfig(representations=[{"layer": 0, "low_rank_dimension": 1}], positions=positions,
+                        share_weights=share_weights).untied
+
+    if saved is not None:
+        for i, width in enumerate(saved["dims"]):
+            if width is not None and dim is not None and width != dim:
+                raise ValueError(f"{directory} was saved for a model of width {width} (intervention {i}); {where} "
+                                 f"has hidden size {dim}")
+        if dim is None:
+            dim = next((width for width in saved["dims"] if width is not None), None)
+        sites = saved["sites"]
+        if untied:
+            half = len(sites) // 2
+            if len(sites) % 2 or sites[:half] != sites[half:]:
+                raise ValueError(f"share_weights=False with positions={positions!r} needs a checkpoint whose "
+                                 "representations are the same list twice (prefix ones, then suffix ones), as "
+                                 f"pyreft's training script writes; {directory} has (layer, component, type, rank) "
+                                 f"{sites}")
+            sites = sites[:half]
+        if representations is None:
+            representations = [_rep_dict(*s) for s in sites]
+    if dim is None:
+        raise ValueError(f"{directory} does not say the model's width (no intervention_dimensions): pass dim=")
+    raw = list(representations)
+    if not raw:
+        raise ValueError("representations is empty")
+
+    def build(fields: list[dict]) -> ReftConfig:
+        reps = []
+        for rep, extra in zip(raw, fields):
+            if isinstance(rep, Representation):
+                reps.append(rep)
+                continue
+            rep = dict(rep)
+            kind = Representation.from_any({**rep, "dtype": None, "add_bias": False, "act": None}).intervention
+            for k, v in _defaults(kind, **extra).items():
+                rep.setdefault(k, v)
+            reps.append(rep)
+        return ReftConfig(representations=reps, positions=positions, share_weights=share_weights)
+
+    common = dict(act=act, dropout=dropout, parametrization=parametrization)
+    config = build([dict(dtype=dtype, add_bias=bool(add_bias), **common)] * len(raw))
+    ours = [(rep.layer, rep.component, rep.intervention, rep.low_rank_dimension) for rep, _ in config.interventions()]
+    if saved is not None and ours != saved["sites"]:
+        raise ValueError(f"representations do not match {os.path.join(directory, CONFIG_FILE)}: it has (layer, "
+                         f"component, type, rank) {saved['sites']}, the representations give {ours}")
+    deepest = max(site[0] for site in ours)
+    if num_layers is not None and deepest >= num_layers:
+        raise ValueError(f"{directory} edits layer {deepest}; {where} has {num_layers} layers")
+
+    # the file of intervention i: the saved key of slot i when there is a config, else ours in both spellings
+    candidates = _keys(config)
+    if saved is not None and saved["keys"]:
+        normalized = [_underscore_key(k) for k in saved["keys"]]
+        if normalized != [c[0] for c in candidates]:
+            raise ValueError(f"{os.path.join(directory, CONFIG_FILE)}: sorted_keys {saved['keys']} do not follow "
+                             f"pyvene's numbering of its representations ({[c[0] for c in candidates]})")
+        candidates = [[k] + c for k, c in zip(saved["keys"], candidates)]
+    paths = [_intkey_file(directory, *c) for c in candidates]
+    states = [_torch_load(p) for p in paths]
+
+    if dtype is None or add_bias is None:  # per representation, from its (first) intervention's file
+        fields = []
+        for j in range(len(raw)):
+            state = states[j]
+            fields.append(dict(dtype=dtype if dtype is not None else (_w_dtype(state) or torch.bfloat16),
+                               add_bias=bool(add_bias) if add_bias is not None else "proj_layer.bias" in state,
+                               **common))
+        config = build(fields)
+
+    model_state = {}
+    model_file = os.path.join(directory, MODEL_FILE)
+    if include_model and os.path.isfile(model_file):
+        model_state = _torch_load(model_file) or {}
+        if model_state:
+            modules = {k.rsplit(".", 1)[0] for k in model_state if "." in k}
+            config.unfrozen_modules = sorted(set(config.unfrozen_modules) | modules)
+
+    adapter = Adapter(name, config, dim, device=device, backend=backend)
+    for module, state, path in zip(adapter.modules, states, paths):
+        _load_into(module, state, path, dim)
+    for m in adapter.orthonormals:
+        m._cache = None
+    adapter.model_state = {f"model.{k}": v for k, v in model_state.items()}
+    adapter.source = directory
+    adapter.base_model = {"hidden_size": dim}
+    return adapter
+
+
 def load_pyreft(model: nn.Module, directory: PathLike, *,
                 representations: Optional[Sequence[Union[dict, Representation]]] = None,
                 dtype: Optional[torch.dtype] = torch.bfloat16, act: Optional[str] = None, dropout: float = 0.0,
                 add_bias: Optional[bool] = False, positions: Optional[str] = None, share_weights: bool = True,
                 backend: Optional[str] = None, parametrization: str = "stereographic",
-                layers_path: Optional[str] = None, include_model: bool = True, freeze: bool = True) -> ReftModel:
-    """A ReftModel on `model` with the interventions of a pyreft checkpoint directory.
+                layers_path: Optional[str] = None, include_model: bool = True, freeze: bool = True,
+                adapter_name: str = DEFAULT) -> "ReftModel":
+    """A ReftModel on `model` with the interventions of a pyreft checkpoint directory (as its adapter
+    `adapter_name`; to add one to an existing ReftModel: reft.load_adapter(directory, name, **these options)).
 
     Args:
         model: the base model the adapter was trained on (its width and depth are checked).
@@ -420,111 +543,26 @@ def load_pyreft(model: nn.Module, directory: PathLike, *,
     representations), ValueError (a model whose width or depth does not fit, an intervention type
     reft_kernels does not have, representations or files that disagree with the config).
     """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} is not a directory (a pyreft checkpoint is a directory of "
-                                "config.json and intkey_*.bin files)")
-    if not any(n.startswith("intkey_") and n.endswith(".bin") for n in os.listdir(directory)):
-        raise FileNotFoundError(f"{directory} has no intkey_*.bin file: not a pyreft/pyvene checkpoint")
-    has_config = os.path.isfile(os.path.join(directory, CONFIG_FILE))
-    if not has_config and representations is None:
-        raise FileNotFoundError(
-            f"{directory} has no {CONFIG_FILE} (a pyreft Trainer checkpoint, checkpoint-N/intervenable_model, "
-            "stores only the weights): pass representations=[{'layer': ..., 'component': ..., 'intervention': "
-            "..., 'low_rank_dimension': ...}, ...] as the adapter was built")
-    saved = _read_config(directory) if has_config else None
-    width = hidden_size(model)
+    from ..integration.model import ReftModel  # (integration/model.py imports this module lazily)
+
     layers_path, layers = find_layers(model, layers_path)
-    untied = ReftConfig(representations=[{"layer": 0, "low_rank_dimension": 1}], positions=positions,
-                        share_weights=share_weights).untied
-
-    if saved is not None:
-        for i, dim in enumerate(saved["dims"]):
-            if dim is not None and dim != width:
-                raise ValueError(f"{directory} was saved for a model of width {dim} (intervention {i}); this "
-                                 f"{type(model).__name__} has hidden size {width}")
-        sites = saved["sites"]
-        if untied:
-            half = len(sites) // 2
-            if len(sites) % 2 or sites[:half] != sites[half:]:
-                raise ValueError(f"share_weights=False with positions={positions!r} needs a checkpoint whose "
-                                 "representations are the same list twice (prefix ones, then suffix ones), as "
-                                 f"pyreft's training script writes; {directory} has (layer, component, type, rank) "
-                                 f"{sites}")
-            sites = sites[:half]
-        if representations is None:
-            representations = [_rep_dict(*s) for s in sites]
-    raw = list(representations)
-    if not raw:
-        raise ValueError("representations is empty")
-
-    def build(fields: list[dict]) -> ReftConfig:
-        reps = []
-        for rep, extra in zip(raw, fields):
-            if isinstance(rep, Representation):
-                reps.append(rep)
-                continue
-            rep = dict(rep)
-            kind = Representation.from_any({**rep, "dtype": None, "add_bias": False, "act": None}).intervention
-            for k, v in _defaults(kind, **extra).items():
-                rep.setdefault(k, v)
-            reps.append(rep)
-        return ReftConfig(representations=reps, positions=positions, share_weights=share_weights)
-
-    common = dict(act=act, dropout=dropout, parametrization=parametrization)
-    config = build([dict(dtype=dtype, add_bias=bool(add_bias), **common)] * len(raw))
-    ours = [(rep.layer, rep.component, rep.intervention, rep.low_rank_dimension) for rep, _ in config.interventions()]
-    if saved is not None and ours != saved["sites"]:
-        raise ValueError(f"representations do not match {os.path.join(directory, CONFIG_FILE)}: it has (layer, "
-                         f"component, type, rank) {saved['sites']}, the representations give {ours}")
-    deepest = max(site[0] for site in ours)
-    if deepest >= len(layers):
-        raise ValueError(f"{directory} edits layer {deepest}; this {type(model).__name__} has {len(layers)} "
-                         f"layers ({layers_path})")
-
-    # the file of intervention i: the saved key of slot i when there is a config, else ours in both spellings
-    candidates = _keys(config)
-    if saved is not None and saved["keys"]:
-        normalized = [_underscore_key(k) for k in saved["keys"]]
-        if normalized != [c[0] for c in candidates]:
-            raise ValueError(f"{os.path.join(directory, CONFIG_FILE)}: sorted_keys {saved['keys']} do not follow "
-                             f"pyvene's numbering of its representations ({[c[0] for c in candidates]})")
-        candidates = [[k] + c for k, c in zip(saved["keys"], candidates)]
-    paths = [_intkey_file(directory, *c) for c in candidates]
-    states = [_torch_load(p) for p in paths]
-
-    if dtype is None or add_bias is None:  # per representation, from its (first) intervention's file
-        fields = []
-        for j in range(len(raw)):
-            state = states[j]
-            fields.append(dict(dtype=dtype if dtype is not None else (_w_dtype(state) or torch.bfloat16),
-                               add_bias=bool(add_bias) if add_bias is not None else "proj_layer.bias" in state,
-                               **common))
-        config = build(fields)
-
-    model_state = None
-    model_file = os.path.join(directory, MODEL_FILE)
-    if include_model and os.path.isfile(model_file):
-        model_state = _torch_load(model_file) or None
-        if model_state:
-            known = dict(model.named_parameters())
-            known.update(dict(model.named_buffers()))
-            unknown = [k for k in model_state if k not in known]
-            if unknown:
-                raise ValueError(f"{model_file} holds {unknown}, which this {type(model).__name__} does not have")
-            modules = {k.rsplit(".", 1)[0] for k in model_state if "." in k}
-            config.unfrozen_modules = sorted(set(config.unfrozen_modules) | modules)
-
-    reft = ReftModel(model, config, layers_path=layers_path, backend=backend, freeze=freeze)
-    for module, state, path in zip(reft.interventions.values(), states, paths):
-        _load_into(module, state, path, width)
-    if model_state:
-        with torch.no_grad():
-            for name, value in model_state.items():
-                known[name].copy_(value)
-    for m in reft._orthonormals:
-        m._cache = None
-    return reft
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = None
+    adapter = read_pyreft(directory, name=adapter_name, dim=hidden_size(model), num_layers=len(layers),
+                          where=f"this {type(model).__name__}", representations=representations,
+                          dtype=dtype, act=act, dropout=dropout, add_bias=add_bias, positions=positions,
+                          share_weights=share_weights, backend=backend, parametrization=parametrization,
+                          include_model=include_model, device=device)
+    unknown = [k[len("model."):] for k in adapter.model_state
+               if k[len("model."):] not in dict(model.named_parameters()) and
+               k[len("model."):] not in dict(model.named_buffers())]
+    if unknown:
+        raise ValueError(f"{os.path.join(os.fspath(directory), MODEL_FILE)} holds {unknown}, which this "
+                         f"{type(model).__name__} does not have")
+    return ReftModel(model, adapter, adapter_name=adapter_name, layers_path=layers_path, backend=backend,
+                     freeze=freeze)
 
 
 def _keys(config: ReftConfig) -> list[list[str]]:
@@ -573,7 +611,8 @@ def _pyreft_state(module: ReftIntervention, dim: int, seed: int) -> dict:
     return state
 
 
-def save_pyreft(reft_model: ReftModel, directory: PathLike, *, seed: int = 0) -> None:
+def save_pyreft(reft_model: "ReftModel", directory: PathLike, *, seed: int = 0,
+                adapter_name: Optional[str] = None) -> None:
     """Writes `reft_model`'s interventions as pyreft's ReftModel.save does: config.json (pyvene 0.1.8's
     format) and intkey_{key}.bin with pyreft's state-dict keys, plus pytorch_model.bin with the unfrozen
     modules' weights when the adapter has any (pyreft loads it with include_model=True).
@@ -582,16 +621,27 @@ def save_pyreft(reft_model: ReftModel, directory: PathLike, *, seed: int = 0) ->
     rebuild (pyreft stores none of it): dtype (its loader makes W bf16), act (identity), dropout (0), and
     NoReFT/DiReFT at all (its loader raises KeyError 'add_bias'; build pyreft's interventions with
     add_bias and load_state_dict the files, or use load_pyreft). A warning names an act pyreft would lose.
-    seed: for the random completion of R into pyvene's d x d `base` (reproducible files)."""
+    seed: for the random completion of R into pyvene's d x d `base` (reproducible files).
+    adapter_name: which adapter of the ReftModel (default: the active one)."""
+    from ..integration.model import ReftModel  # (integration/model.py imports this module lazily)
+
     if not isinstance(reft_model, ReftModel):
         raise TypeError(f"save_pyreft takes a reft_kernels ReftModel, got {type(reft_model).__name__}")
+    if adapter_name is None:
+        if len(reft_model.active_adapters) != 1:
+            raise ValueError(f"{len(reft_model.active_adapters)} adapters are active ({reft_model.active_adapters}): "
+                             "pass adapter_name= to say which one to save")
+        adapter = reft_model.adapters[reft_model.active_adapters[0]]
+    elif adapter_name in reft_model.adapters:
+        adapter = reft_model.adapters[adapter_name]
+    else:
+        raise ValueError(f"no adapter named {adapter_name!r}; adapters: {list(reft_model.adapters)}")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     dim = reft_model.dim
     reps, types, keys = [], [], []
     lost_act = set()
-    for i, ((rep, _), (key, module)) in enumerate(zip(reft_model.reft_config.interventions(),
-                                                       reft_model.interventions.items())):
+    for i, ((rep, _), (key, module)) in enumerate(zip(adapter.config.interventions(), adapter.interventions.items())):
         cls = type(module)
         if cls not in INTERVENTIONS.values():
             raise TypeError(f"{key}: {cls.__name__} is not one of reft_kernels' six intervention types")
@@ -622,12 +672,12 @@ def save_pyreft(reft_model: ReftModel, directory: PathLike, *, seed: int = 0) ->
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
-    if reft_model.reft_config.unfrozen_modules:
+    if adapter.config.unfrozen_modules:
         state = {}
-        for name in reft_model.reft_config.unfrozen_modules:
+        for name in adapter.config.unfrozen_modules:
             for k, v in reft_model.model.get_submodule(name).state_dict().items():
                 state[f"{name}.{k}"] = v.detach().to("cpu").clone()
         torch.save(state, os.path.join(directory, MODEL_FILE))
 
 
-__all__ = ["load_pyreft", "orthogonal_state", "orthogonal_weight", "save_pyreft"]
+__all__ = ["load_pyreft", "orthogonal_state", "orthogonal_weight", "read_pyreft", "save_pyreft"]

@@ -136,6 +136,10 @@ class Orthonormal(nn.Module):
             return self.compute()
         batched = _BATCHED.get().get(id(self))
         if batched is not None:
+            if self._cache is not None and any(p.requires_grad for p in self.parameters()):
+                # trained through a batch (ReftModel's calls): a cache from before must not outlive it once the
+                # module is frozen again (fused optimizers do not move the version counter the key reads)
+                self._cache = None
             return batched
         if any(p.requires_grad for p in self.parameters()):
             # Trainable: computed on every call, never cached. A version-counter key is not enough here:
