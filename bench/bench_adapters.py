@@ -54,6 +54,7 @@ from reft_kernels.ops import fused_edit as fe
 from reft_kernels.ops import mixed_edit as me
 
 from . import harness as H
+from .bench_ops import count_launches
 
 L2_BYTES = 50 << 20  # H100; the device's own figure when torch reports it
 TYPES6 = {  # the six types as (source_linear, subtract_proj), in reft_edit's terms
@@ -221,29 +222,9 @@ def count_calls(fn, fused: str) -> int:
     """The op calls (cpp: reft_kernels_cpp ops, from the profiler's record of dispatched ops) or Triton kernel
     launches (triton: the kernels of fused_edit and mixed_edit wrapped while fn runs once)."""
     if fused == "triton":
-        counter = [0]
-
-        class _Counted:
-            def __init__(self, kernel):
-                self._kernel = kernel
-
-            def __getitem__(self, grid):
-                counter[0] += 1
-                return self._kernel[grid]
-
-        saved = {}
-        for mod in (fe, me):
-            for n in dir(mod):
-                k = getattr(mod, n)
-                if n.endswith("_kernel") and hasattr(k, "__getitem__"):
-                    saved[(mod, n)] = k
-                    setattr(mod, n, _Counted(k))
-        try:
+        with count_launches(fe, me) as counter:
             fn()
             H.sync()
-        finally:
-            for (mod, n), k in saved.items():
-                setattr(mod, n, k)
         return counter[0]
     from torch.profiler import ProfilerActivity, profile
 

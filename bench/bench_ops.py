@@ -279,9 +279,9 @@ def _fused(case, backend, recompute=False):
 
 
 @contextlib.contextmanager
-def count_launches():
-    """Counts the Triton kernel launches of reft_kernels' edit while the block runs: every *_kernel of
-    ops/fused_edit.py is wrapped (the launchers look them up by name at each call)."""
+def count_launches(*modules):
+    """Counts the Triton kernel launches of reft_kernels' edit while the block runs: every *_kernel of the
+    given op modules (default: ops/fused_edit.py) is wrapped (the launchers look them up by name at each call)."""
     counter = [0]
 
     class _Counted:
@@ -295,15 +295,15 @@ def count_launches():
         def __getattr__(self, name):
             return getattr(self._kernel, name)
 
-    names = [n for n in dir(fe) if n.endswith("_kernel") and hasattr(getattr(fe, n), "__getitem__")]
-    saved = {n: getattr(fe, n) for n in names}
+    saved = {(mod, n): getattr(mod, n) for mod in (modules or (fe,)) for n in dir(mod)
+             if n.endswith("_kernel") and hasattr(getattr(mod, n), "__getitem__")}
     try:
-        for n, k in saved.items():
-            setattr(fe, n, _Counted(k))
+        for (mod, n), k in saved.items():
+            setattr(mod, n, _Counted(k))
         yield counter
     finally:
-        for n, k in saved.items():
-            setattr(fe, n, k)
+        for (mod, n), k in saved.items():
+            setattr(mod, n, k)
 
 
 # ------------------------------------------------------------------------------------------------

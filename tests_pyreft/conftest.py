@@ -4,13 +4,11 @@ Run them in an environment that has pyreft, e.g.
     PYTHONPATH=.:tests /tmp/venv445/bin/python -m pytest tests_pyreft -q
 
 pyreft imports `datasets` at import time, which none of these tests use: a stub module stands in when it
-is missing (as bench/harness.py import_pyreft does). tests/ goes on sys.path for its tiny models
+is missing (reft_kernels.bench.providers.stub_datasets, which the benchmarks use too). tests/ goes on sys.path for its tiny models
 (tests/hf_models.py).
 """
-import importlib.machinery
 import os
 import sys
-import types
 
 import pytest
 
@@ -31,18 +29,9 @@ if _TESTS not in sys.path:
 os.environ.pop("REFT_KERNELS_BACKEND", None)
 
 
-def _stub_datasets() -> None:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("datasets")
-        stub.Dataset = object
-        stub.load_dataset = None
-        stub.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
-        sys.modules["datasets"] = stub
+from reft_kernels.bench.providers import stub_datasets  # noqa: E402 (after TRITON_INTERPRET is set)
 
-
-_stub_datasets()
+stub_datasets()
 # pyvene prints a line per save ("Directory ... created") and warns about nnsight: harmless
 
 

@@ -247,9 +247,9 @@ def build_reft_kernels(work: Workload, adapter, train: bool, *, trainable_for_ge
 # ------------------------------------------------------------------------------------------------
 
 
-def import_pyreft():
-    """(pyreft, "") when pyreft imports here, else (None, the reason). pyreft imports `datasets`, which a
-    benchmark never uses: a stub stands in when it is missing. pyreft 0.1.0 pins transformers 4.45.1."""
+def stub_datasets() -> None:
+    """pyreft imports `datasets` at the top, which neither a benchmark nor a test of ours uses: where it is not
+    installed, a stub module stands in (tests_pyreft/conftest.py calls this too)."""
     import importlib.machinery
     import sys
     import types
@@ -262,6 +262,12 @@ def import_pyreft():
         stub.load_dataset = None
         stub.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
         sys.modules["datasets"] = stub
+
+
+def import_pyreft():
+    """(pyreft, "") when pyreft imports here, else (None, the reason); `datasets` is stubbed where missing
+    (stub_datasets). pyreft 0.1.0 pins transformers 4.45.1."""
+    stub_datasets()
     try:
         import pyreft
 
