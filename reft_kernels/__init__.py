@@ -16,6 +16,7 @@
 CUDA tensors run the Triton kernels; CPU tensors the fused C++ kernels of csrc/ (compiled on first use,
 see reft_kernels.extension), or the PyTorch reference where no compiler is available.
 """
+from ._version import __version__
 from . import extension  # the C++ CPU kernels (csrc/), built or loaded on first use: rk.extension.available()
 from .backend import BACKEND_ENV
 from .modules import (BY_PYREFT_NAME, INTERVENTIONS, ConsReFT, DiReFT, LobiReFT, LoReFT, NoReFT, OrthoDiReFT,
@@ -28,7 +29,6 @@ from .interop import load_pyreft, save_pyreft
 from .ops import (AdapterBank, AdapterParams, EditSpec, direft, loreft, mixed_reft_edit, mixed_reft_edit_flat,
                   orthonormalize, reft_edit, stack_adapters)
 
-__version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterBank", "AdapterParams", "BACKEND_ENV", "BY_PYREFT_NAME", "COMPONENTS", "ReftConfig",
     "ReftDataCollator", "ReftModel", "Representation", "get_reft_model", "last_token_locations", "load_pyreft",

@@ -12,9 +12,9 @@ and reading one adapter directory without a base model.
     adapter = rk.read_adapter("out/german")                     # config + loaded modules, no base model
 
 - Adapter: one adapter's ReftConfig and intervention modules (keys as pyvene spells them), built for a width
-  without a base model. read_adapter(path) reads one directory, ours (integration/checkpoint.py) or
-  pyreft's (interop/pyreft_checkpoint.py), into one: the loading code ReftModel, the vLLM plugin and other
-  servers share.
+  without a base model. read_adapter(path) reads one directory, ours (integration/checkpoint.py) or one of a
+  registered format (integration/formats.py: pyreft's, registered by reft_kernels.interop), into one: the
+  loading code ReftModel, the vLLM plugin and other servers share.
 - AdapterRegistry: the named-adapter methods of ReftModel (load_adapter, add_adapter, delete_adapter,
   set_adapter, set_requires_grad, active_adapters / active_adapter, disable_adapter, adapters), the
   adapters' state (state_dict, load_state_dict, save_pretrained's layout), and the per-call choice of a plan
@@ -52,6 +52,7 @@ from ..modules.orthonormal import Orthonormal
 from ..ops.fused_edit import EditSpec
 from ..ops.mixed_edit import AdapterParams
 from . import checkpoint as _ckpt
+from . import formats as _formats
 from .config import ReftConfig
 from .positions import scheme_locations
 
@@ -182,18 +183,16 @@ class Adapter:
 # -- reading one adapter directory ------------------------------------------------------------------------
 
 def adapter_format(path: PathLike) -> str:
-    """"reft_kernels" (reft_config.json, ReftModel.save_pretrained) or "pyreft" (intkey_*.bin, pyreft's
-    ReftModel.save or a pyreft Trainer checkpoint); FileNotFoundError naming what is missing otherwise."""
+    """"reft_kernels" (reft_config.json, ReftModel.save_pretrained) or the name of the registered format that
+    recognizes the directory (integration/formats.py; "pyreft": intkey_*.bin, pyreft's ReftModel.save or a
+    pyreft Trainer checkpoint); FileNotFoundError naming what is missing otherwise."""
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, _ckpt.CONFIG_NAME)):
-        return "reft_kernels"
-    if os.path.isdir(path) and any(n.startswith("intkey_") and n.endswith(".bin") for n in os.listdir(path)):
-        return "pyreft"
-    if os.path.isdir(path):
-        raise FileNotFoundError(f"{path} holds neither {_ckpt.CONFIG_NAME} (an adapter written by "
-                                "ReftModel.save_pretrained) nor intkey_*.bin files (a pyreft checkpoint)")
-    raise FileNotFoundError(f"{path} is not a directory (an adapter is a directory written by "
-                            "ReftModel.save_pretrained, or a pyreft checkpoint directory)")
+        return _formats.NATIVE
+    fmt = _formats.recognize(path) if os.path.isdir(path) else None
+    if fmt is None:
+        raise _formats.unrecognized(path, _ckpt.CONFIG_NAME)
+    return fmt.name
 
 
 def from_saved(saved: _ckpt.SavedAdapter, name: str = DEFAULT, *, device=None, backend: Optional[str] = None,
@@ -224,16 +223,14 @@ def read_adapter(path: PathLike, *, name: str = DEFAULT, verify: bool = True, de
 
     Ours is checked as ReftModel.from_pretrained checks it (integrity record unless verify=False, every
     tensor's key, shape, dtype and finiteness); adapter.base_model is the saved model's signature
-    (hidden_size, num_layers, class, model_type, layers_path). pyreft's goes through
-    reft_kernels.interop's reader; pyreft_options are load_pyreft's (positions, share_weights, dtype, act,
-    dropout, add_bias, parametrization, representations, include_model); a Trainer checkpoint without
-    config.json needs representations= and its width as dim=. Each module's params() gives the mixed op's
-    AdapterParams (what a server's bank needs)."""
+    (hidden_size, num_layers, class, model_type, layers_path). Another format goes through its registered
+    reader (integration/formats.py): pyreft's is reft_kernels.interop's read_pyreft, and pyreft_options are
+    load_pyreft's (positions, share_weights, dtype, act, dropout, add_bias, parametrization, representations,
+    include_model); a Trainer checkpoint without config.json needs representations= and its width as dim=.
+    Each module's params() gives the mixed op's AdapterParams (what a server's bank needs)."""
     fmt = adapter_format(path)
-    if fmt == "pyreft":
-        from ..interop.pyreft_checkpoint import read_pyreft  # interop reads pyreft's files (it imports this module)
-
-        return read_pyreft(path, name=name, device=device, backend=backend, **pyreft_options)
+    if fmt != _formats.NATIVE:
+        return _formats.get_format(fmt).read(path, name=name, device=device, backend=backend, **pyreft_options)
     if pyreft_options:
         raise TypeError(f"{os.fspath(path)} is a reft_kernels adapter (its config stores everything); "
                         f"{sorted(pyreft_options)} apply to pyreft checkpoints only")
@@ -433,11 +430,10 @@ class AdapterRegistry:
         name = self._check_new(adapter_name, _NO_MODULES)  # before reading: a taken name fails fast
         fmt = adapter_format(path)
         layers = len(self.model.get_submodule(self.layers_path))
-        if fmt == "pyreft":
-            from ..interop.pyreft_checkpoint import read_pyreft  # interop reads pyreft's files (it imports this module)
-
-            adapter = read_pyreft(path, name=name, dim=self.dim, num_layers=layers, device=self._model_device(),
-                                  backend=self.backend, **pyreft_options)
+        if fmt != _formats.NATIVE:  # a registered format's reader (integration/formats.py), e.g. pyreft's
+            adapter = _formats.get_format(fmt).read(path, name=name, dim=self.dim, num_layers=layers,
+                                                    device=self._model_device(), backend=self.backend,
+                                                    **pyreft_options)
         else:
             if pyreft_options:
                 raise TypeError(f"{path} is a reft_kernels adapter (its config stores everything); "

@@ -67,9 +67,11 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._version import __version__
 from ..modules.interventions import check_backend
 from ..modules.orthonormal import _BATCHED, orthonormal_batch
 from . import checkpoint as _ckpt
+from . import formats as _formats
 from . import pyreft_calls
 from .adapters import (BASE, DEFAULT, Adapter, AdapterRegistry, adapter_path, check_adapter_name, check_base,
                        from_saved, saved_path)
@@ -875,21 +877,18 @@ class ReftModel(AdapterRegistry, nn.Module, metaclass=_PyreftHints):
         state_dict: the state to write (default: self.state_dict()). Sharded (DTensor) entries, as FSDP2
         leaves them, are gathered with full_tensor(), a collective: under FSDP every rank must call this, and
         only the one with is_main_process=True writes.
-        format="pyreft": directories pyreft's ReftModel.load reads (reft_kernels.save_pyreft, same layout; no
-        dtype, act or dropout is stored there, as pyreft stores none)."""
+        format: another registered format's writer (integration/formats.py), same layout. format="pyreft"
+        (registered by reft_kernels.interop): directories pyreft's ReftModel.load reads (reft_kernels.save_pyreft;
+        no dtype, act or dropout is stored there, as pyreft stores none)."""
         names = self._selected(selected_adapters)
-        if format == "pyreft":
+        if format != _formats.NATIVE:
+            writer = _formats.get_format(format).write
             if state_dict is not None:
-                raise ValueError("format='pyreft' saves the live adapter; state_dict= is not supported")
+                raise ValueError(f"format={format!r} saves the live adapter; state_dict= is not supported")
             if is_main_process:
-                from ..interop.pyreft_checkpoint import save_pyreft
-
                 for name in names:
-                    save_pyreft(self, saved_path(save_directory, name), adapter_name=name)
+                    writer(self, saved_path(save_directory, name), adapter_name=name)
             return
-        if format != "reft_kernels":
-            raise ValueError(f"format must be 'reft_kernels' or 'pyreft', got {format!r}")
-        from .. import __version__
 
         state = self.state_dict() if state_dict is None else state_dict
         per_adapter = {name: self.adapter_state(state, name) for name in names}

@@ -70,7 +70,7 @@ import json
 import os
 import warnings
 import zipfile
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -78,11 +78,10 @@ from torch import nn
 from ..integration.adapters import DEFAULT, Adapter
 from ..integration.checkpoint import read_json
 from ..integration.config import ReftConfig, Representation
+from ..integration.formats import register_format
 from ..integration.locate import find_layers, hidden_size
+from ..integration.model import ReftModel
 from ..modules.interventions import BY_PYREFT_NAME, INTERVENTIONS, ReftIntervention
-
-if TYPE_CHECKING:
-    from ..integration.model import ReftModel
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "pytorch_model.bin"
@@ -113,6 +112,14 @@ def _dotted_key(layer: int, component: str, copy: int) -> str:
 def _underscore_key(key: str) -> str:
     """pyvene >= 0.1.7's spelling of either spelling (a component name has no dots)."""
     return key.replace(".", "_")
+
+
+def is_pyreft_checkpoint(directory: PathLike) -> bool:
+    """Whether `directory` holds intkey_*.bin files (pyreft's ReftModel.save, or a pyreft Trainer checkpoint's
+    intervenable_model/ without config.json): the format's recognizer for read_adapter / load_adapter."""
+    directory = os.fspath(directory)
+    return os.path.isdir(directory) and any(n.startswith("intkey_") and n.endswith(".bin")
+                                            for n in os.listdir(directory))
 
 
 def _intkey_file(directory: str, *candidates: str) -> str:
@@ -410,7 +417,7 @@ def read_pyreft(directory: PathLike, *, name: str = DEFAULT, dim: Optional[int] 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} is not a directory (a pyreft checkpoint is a directory of "
                                 "config.json and intkey_*.bin files)")
-    if not any(n.startswith("intkey_") and n.endswith(".bin") for n in os.listdir(directory)):
+    if not is_pyreft_checkpoint(directory):
         raise FileNotFoundError(f"{directory} has no intkey_*.bin file: not a pyreft/pyvene checkpoint")
     has_config = os.path.isfile(os.path.join(directory, CONFIG_FILE))
     if not has_config and representations is None:
@@ -514,7 +521,7 @@ def load_pyreft(model: nn.Module, directory: PathLike, *,
                 add_bias: Optional[bool] = False, positions: Optional[str] = None, share_weights: bool = True,
                 backend: Optional[str] = None, parametrization: str = "stereographic",
                 layers_path: Optional[str] = None, include_model: bool = True, freeze: bool = True,
-                adapter_name: str = DEFAULT) -> "ReftModel":
+                adapter_name: str = DEFAULT) -> ReftModel:
     """A ReftModel on `model` with the interventions of a pyreft checkpoint directory (as its adapter
     `adapter_name`; to add one to an existing ReftModel: reft.load_adapter(directory, name, **these options)).
 
@@ -543,8 +550,6 @@ def load_pyreft(model: nn.Module, directory: PathLike, *,
     representations), ValueError (a model whose width or depth does not fit, an intervention type
     reft_kernels does not have, representations or files that disagree with the config).
     """
-    from ..integration.model import ReftModel  # (integration/model.py imports this module lazily)
-
     layers_path, layers = find_layers(model, layers_path)
     try:
         device = next(model.parameters()).device
@@ -611,7 +616,7 @@ def _pyreft_state(module: ReftIntervention, dim: int, seed: int) -> dict:
     return state
 
 
-def save_pyreft(reft_model: "ReftModel", directory: PathLike, *, seed: int = 0,
+def save_pyreft(reft_model: ReftModel, directory: PathLike, *, seed: int = 0,
                 adapter_name: Optional[str] = None) -> None:
     """Writes `reft_model`'s interventions as pyreft's ReftModel.save does: config.json (pyvene 0.1.8's
     format) and intkey_{key}.bin with pyreft's state-dict keys, plus pytorch_model.bin with the unfrozen
@@ -623,8 +628,6 @@ def save_pyreft(reft_model: "ReftModel", directory: PathLike, *, seed: int = 0,
     add_bias and load_state_dict the files, or use load_pyreft). A warning names an act pyreft would lose.
     seed: for the random completion of R into pyvene's d x d `base` (reproducible files).
     adapter_name: which adapter of the ReftModel (default: the active one)."""
-    from ..integration.model import ReftModel  # (integration/model.py imports this module lazily)
-
     if not isinstance(reft_model, ReftModel):
         raise TypeError(f"save_pyreft takes a reft_kernels ReftModel, got {type(reft_model).__name__}")
     if adapter_name is None:
@@ -680,4 +683,10 @@ def save_pyreft(reft_model: "ReftModel", directory: PathLike, *, seed: int = 0,
         torch.save(state, os.path.join(directory, MODEL_FILE))
 
 
-__all__ = ["load_pyreft", "orthogonal_state", "orthogonal_weight", "read_pyreft", "save_pyreft"]
+# The integration layer reads and writes pyreft's directories through this registration (it never imports this
+# module): rk.read_adapter / ReftModel.load_adapter on a pyreft directory, save_pretrained(format="pyreft").
+register_format("pyreft", recognizes=is_pyreft_checkpoint, read=read_pyreft, write=save_pyreft,
+                holds="intkey_*.bin files")
+
+__all__ = ["is_pyreft_checkpoint", "load_pyreft", "orthogonal_state", "orthogonal_weight", "read_pyreft",
+           "save_pyreft"]
