@@ -41,9 +41,9 @@ def adapters(model_dir, tmp_path_factory):
         "lo": tiny.make_adapter(model_dir, str(root / "lo"), positions="f2+l2", seed=1, representations=[
             {"layer": 1, "intervention": "loreft", "low_rank_dimension": 4},
             {"layer": 2, "intervention": "loreft", "low_rank_dimension": 4}]),
-        # DiReFT (the paper's) with an activation on the last prompt token ("last", given at load: ReftConfig
-        # stores f/l schemes only): an mlp output and a block input
-        "di": tiny.make_adapter(model_dir, str(root / "di"), positions="l1", seed=2, representations=[
+        # DiReFT (the paper's) with an activation on the last prompt token ("last"): an mlp output and a
+        # block input
+        "di": tiny.make_adapter(model_dir, str(root / "di"), positions="last", seed=2, representations=[
             {"layer": 0, "component": "mlp_output", "intervention": "direft", "low_rank_dimension": 2,
              "act": "relu"},
             {"layer": 3, "component": "block_input", "intervention": "direft", "low_rank_dimension": 3}]),
@@ -68,8 +68,20 @@ def adapters(model_dir, tmp_path_factory):
                                 representations=[{"layer": l, "intervention": "loreft", "low_rank_dimension": 2}
                                                  for l in range(tiny.LAYERS)]),
     }
-    made["di"] = {"path": made["di"], "positions": "last"}
     made["py"] = {"path": made["py"], "positions": "f2+l2", "dtype": "float32"}  # what pyreft does not store
+    # saved without a position scheme (ReftConfig(positions=None): trained on its data's own locations),
+    # served with one given at load
+    made["unset"] = {"path": tiny.make_adapter(model_dir, str(root / "unset"), positions=None, seed=7,
+                                               representations=[{"layer": 2, "component": "attention_output",
+                                                                 "intervention": "loreft", "low_rank_dimension": 3}]),
+                     "positions": "f1+l3"}
+    # one save_pretrained of two adapters (PEFT's layout): "default" in multi/, "sub" in multi/sub/
+    made["multi"] = tiny.make_multi(model_dir, str(root / "multi"), {
+        "default": {"representations": [{"layer": 0, "intervention": "loreft", "low_rank_dimension": 2}],
+                    "positions": "f2"},
+        "sub": {"representations": [{"layer": 3, "component": "mlp_output", "intervention": "direft",
+                                     "low_rank_dimension": 2}], "positions": "l3"}}, seed=8)
+    made["sub"] = {"path": made["multi"], "subfolder": "sub"}
     return made
 
 

@@ -60,6 +60,37 @@ def test_mixed_batch_of_every_type(llm, adapters, reference):
         assert any(t != reference.tokens(p, None, MAX_NEW) for (p, b), t in zip(requests, got) if b == a), a
 
 
+def test_mixed_batch_equals_hf_mixed_generate(llm, adapters, reference):
+    """The same kind of batch through the Hugging Face layer's own mixed path: one ReftModel holding every
+    adapter, one left-padded ReftModel.generate(..., adapter_names=[...]) call."""
+    names = ["lo", "di", "no", "stack", None]
+    requests = [(p, names[(i + 2 * j) % len(names)]) for i, p in enumerate(PROMPTS) for j in range(2)]
+    got = run(llm, requests)
+    assert got == reference.mixed_tokens(requests, adapters, MAX_NEW)
+    base = [reference.tokens(p, None, MAX_NEW) for p, _ in requests]
+    assert {a for (_, a), g, b in zip(requests, got, base) if g != b} == {"lo", "di", "no", "stack"}
+
+
+def test_named_adapter_of_a_save_and_a_position_override(llm, adapters, reference):
+    """Loaded while serving, in one batch: the named adapter of a multi-adapter save (by its "subfolder" key
+    and by its path), that save's "default", and an adapter saved without a position scheme served with one
+    given at load; each against ReftModel (load_adapter(..., subfolder=...) for the named one)."""
+    specs = {"sub": adapters["sub"], "sub_path": f"{adapters['multi']}/sub", "multi": adapters["multi"],
+             "unset": adapters["unset"]}
+    for name, spec in specs.items():
+        llm.load_reft_adapter(name, spec)
+    try:
+        requests = [(p, name) for p in PROMPTS for name in specs] + [(PROMPTS[2], None)]
+        got = run(llm, requests)
+        for (p, a), tokens in zip(requests, got):
+            assert tokens == reference.tokens(p, specs[a] if a else None, MAX_NEW), (a, p)
+        for name in specs:
+            assert any(t != reference.tokens(p, None, MAX_NEW) for (p, a), t in zip(requests, got) if a == name), name
+    finally:
+        for name in specs:
+            llm.remove_reft_adapter(name)
+
+
 def test_pyreft_checkpoint(llm, adapters, reference):
     llm.load_reft_adapter("py", adapters["py"])
     try:

@@ -62,10 +62,12 @@ def reference_rows(adapter, h, rows):
 
 
 def test_positions_match_reft_model_locations(model_dir, adapters):
-    for name in ("lo", "no", "di"):
+    for name in ("lo", "no", "di", "unset"):
         a = served(adapters[name])
         spec = adapters[name] if isinstance(adapters[name], str) else adapters[name]["path"]
         reft = rk.ReftModel.from_pretrained(tiny.hf_model(model_dir), spec)
+        override = adapters[name].get("positions") if isinstance(adapters[name], dict) else None
+        assert a.positions == (override or reft.reft_config.positions)
         for n in (1, 2, 3, 5, 8, 13):
             locs = reft.locations(torch.ones(1, n, dtype=torch.long), a.positions)[0]
             for g, pos in enumerate(a.positions_for(n)):
@@ -85,6 +87,76 @@ def test_fingerprints_and_cache_salts(adapters):
         served(adapters["py"]["path"])
     py = served(adapters["py"])
     assert py.format == "pyreft" and len(py.interventions) == L
+
+
+def test_read_like_the_hf_layer(model_dir, adapters):
+    """Every intervention's parameters are the ones ReftModel.from_pretrained / load_pyreft load, at its site
+    and in its order (the plugin reads with reft_kernels.read_adapter, no model)."""
+    for name in ("lo", "no", "stack", "py"):
+        spec = adapters[name] if isinstance(adapters[name], str) else dict(adapters[name])
+        a = served(spec)
+        if isinstance(spec, str):
+            reft = rk.ReftModel.from_pretrained(tiny.hf_model(model_dir), spec)
+        else:
+            path = spec.pop("path")
+            reft = rk.load_pyreft(tiny.hf_model(model_dir), path, **dict(spec, dtype=torch.float32))
+        hf = reft.adapters["default"]
+        assert len(a.interventions) == hf.num_interventions
+        for k, (it, (rep, _)) in enumerate(zip(a.interventions, hf.config.interventions())):
+            want = hf.params(k)
+            assert it.site == (rep.layer, rep.component) and it.params.spec == want.spec, (name, k)
+            for got, ref in zip((it.params.lift, it.params.weight, it.params.bias, it.params.proj_bias),
+                                (want.lift, want.weight, want.bias, want.proj_bias)):
+                assert (got is None) == (ref is None) and (got is None or torch.equal(got, ref.float())), (name, k)
+
+
+def test_named_adapter_in_a_subfolder(adapters, tmp_path):
+    """save_pretrained of several adapters: "default" in the directory, "sub" in dir/sub; both spellings of
+    the named one read the same adapter, and a directory holding only subfolders says which to name."""
+    import shutil
+
+    root = adapters["multi"]
+    by_key, by_path, default = served(adapters["sub"]), served(f"{root}/sub"), served(root)
+    assert by_key.fingerprint == by_path.fingerprint != default.fingerprint
+    assert by_key.sites == [(3, "mlp_output")] and by_key.positions == "l3"
+    assert default.sites == [(0, "block_output")] and default.positions == "f2"
+    shutil.copytree(f"{root}/sub", tmp_path / "only" / "sub")
+    with pytest.raises(FileNotFoundError, match=r"holds the adapters \['sub'\] in subfolders.*'subfolder': 'sub'"):
+        served(str(tmp_path / "only"))
+    with pytest.raises(FileNotFoundError):
+        served({"path": root, "subfolder": "nope"})
+    with pytest.raises(ValueError, match="subfolder must be"):
+        served({"path": root, "subfolder": 3})
+
+
+def test_position_override(adapters):
+    """"positions" at load: required for an adapter saved without a scheme, allowed for another scheme of the
+    same layout, refused when it would add or drop untied prefix / suffix interventions."""
+    unset = adapters["unset"]["path"]
+    with pytest.raises(ValueError, match="has no position scheme"):
+        served(unset)
+    assert served(adapters["unset"]).positions == "f1+l3"
+    lo = served(adapters["lo"])
+    other = served({"path": adapters["lo"], "positions": "last"})
+    assert other.positions == "last" and other.positions_for(9) == [np.array([8])]
+    assert other.fingerprint != lo.fingerprint and other.cache_salt(9) != lo.cache_salt(9)
+    no = served({"path": adapters["no"], "positions": "f2+l2"})  # untied, another untied scheme
+    assert no.num_groups == 2 and [g.tolist() for g in no.positions_for(9)] == [[0, 1], [7, 8]]
+    with pytest.raises(ValueError, match="untied prefix / suffix.*would drop them"):
+        served({"path": adapters["no"], "positions": "last"})
+    with pytest.raises(ValueError, match="positions must be"):
+        served({"path": adapters["lo"], "positions": "first5"})
+    with pytest.raises(ValueError, match="only 'positions' and 'subfolder'"):
+        served({"path": adapters["lo"], "dtype": "float32"})
+    with pytest.raises(ValueError, match="unknown adapter options"):
+        served({"path": adapters["lo"], "position": "f1"})
+
+
+def test_wrong_width_or_depth_refused_for_pyreft(adapters):
+    with pytest.raises(ValueError, match="width 48.*hidden size 64"):
+        load_served_adapter(adapters["py"], hidden_size=64, num_layers=L)
+    with pytest.raises(ValueError, match="edits layer 3; the served model has 2 layers"):
+        load_served_adapter(adapters["py"], hidden_size=D, num_layers=2)
 
 
 def test_parse_adapter_list():

@@ -53,21 +53,48 @@ def prompt(seed: int, length: int) -> str:
     return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 4, (length,), generator=g))
 
 
-def make_adapter(model_path: str, out: str, *, representations: list[dict], positions: str,
+def _config(representations: list[dict], positions: Optional[str], share_weights: bool = True):
+    import reft_kernels as rk
+
+    return rk.ReftConfig(representations=[{"dtype": torch.float32, **r} for r in representations],
+                         positions=positions, share_weights=share_weights)
+
+
+def _scale(reft, scale: float) -> None:
+    """W, b, W2 scaled up so that the edits change greedy tokens."""
+    with torch.no_grad():
+        for adapter in reft.adapters.values():
+            for m in adapter.modules:
+                for name, p in m.named_parameters():
+                    if name in ("weight", "bias", "proj_weight", "proj_bias"):
+                        p.mul_(scale)
+
+
+def make_adapter(model_path: str, out: str, *, representations: list[dict], positions: Optional[str],
                  share_weights: bool = True, seed: int = 1, scale: float = 8.0, fmt: str = "reft_kernels") -> str:
-    """Saves a ReFT adapter with random parameters (W, b, W2 scaled up so the edit changes greedy tokens)."""
+    """Saves a ReFT adapter with random parameters (positions=None: saved without a scheme)."""
     import reft_kernels as rk
 
     torch.manual_seed(seed)
-    reft = rk.get_reft_model(hf_model(model_path), rk.ReftConfig(
-        representations=[{"dtype": torch.float32, **r} for r in representations], positions=positions,
-        share_weights=share_weights))
-    with torch.no_grad():
-        for m in reft.interventions.values():
-            for name, p in m.named_parameters():
-                if name in ("weight", "bias", "proj_weight", "proj_bias"):
-                    p.mul_(scale)
+    reft = rk.get_reft_model(hf_model(model_path), _config(representations, positions, share_weights))
+    _scale(reft, scale)
     reft.save_pretrained(out, format=fmt)
+    return out
+
+
+def make_multi(model_path: str, out: str, adapters: dict[str, dict], *, seed: int = 1, scale: float = 8.0) -> str:
+    """One save_pretrained of several adapters ({name: {"representations": ..., "positions": ...}}, the first
+    one "default"): PEFT's layout, "default" in `out` and every other one in out/<name>/."""
+    import reft_kernels as rk
+
+    torch.manual_seed(seed)
+    (first, cfg), *rest = adapters.items()
+    assert first == "default"
+    reft = rk.get_reft_model(hf_model(model_path), _config(**cfg))
+    for name, cfg in rest:
+        reft.add_adapter(name, _config(**cfg))
+    _scale(reft, scale)
+    reft.save_pretrained(out)
     return out
 
 
@@ -91,6 +118,8 @@ class Reference:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def reft(self, spec):
+        """(ReftModel with the adapter active, position override or None), by the Hugging Face layer's own
+        loaders: load_pyreft, from_pretrained, and load_adapter(..., subfolder=) for a named one of a save."""
         import reft_kernels as rk
 
         spec = {"path": spec} if isinstance(spec, str) else dict(spec)
@@ -98,16 +127,49 @@ class Reference:
         if key not in self._refts:
             base = hf_model(self.model_path)
             path = spec.pop("path")
-            if not os.path.isfile(os.path.join(path, "reft_config.json")):
+            sub = spec.pop("subfolder", None)
+            if not os.path.isfile(os.path.join(path, sub or "", "reft_config.json")):
                 if isinstance(spec.get("dtype"), str):
                     spec["dtype"] = getattr(torch, spec["dtype"])
                 reft = rk.load_pyreft(base, path, **spec)
                 positions = None
+            elif sub is not None:
+                reft = rk.ReftModel.from_pretrained(base, path)
+                reft.load_adapter(path, sub, subfolder=sub)
+                reft.set_adapter(sub)
+                positions = spec.get("positions")
             else:
                 reft = rk.ReftModel.from_pretrained(base, path)
                 positions = spec.get("positions")
             self._refts[key] = (reft, positions)
         return self._refts[key]
+
+    def mixed_tokens(self, requests: list, adapters: dict, max_new: int) -> list[list[int]]:
+        """Greedy tokens of ReftModel.generate(..., adapter_names=[...]) for one left-padded batch: requests
+        [(prompt text, adapter name or None)], adapters {name: directory or {"path": ..., pyreft options}}
+        (every adapter on one ReftModel: from_pretrained for the first, load_adapter for the others)."""
+        import reft_kernels as rk
+
+        names = sorted({a for _, a in requests if a is not None})
+        reft = None
+        for name in names:
+            spec = {"path": adapters[name]} if isinstance(adapters[name], str) else dict(adapters[name])
+            path = spec.pop("path")
+            if isinstance(spec.get("dtype"), str):
+                spec["dtype"] = getattr(torch, spec["dtype"])
+            if reft is None:
+                reft = rk.ReftModel.from_pretrained(hf_model(self.model_path), path, adapter_name=name) \
+                    if not spec else rk.load_pyreft(hf_model(self.model_path), path, adapter_name=name, **spec)
+            else:
+                reft.load_adapter(path, name, **spec)
+        ids = [self.ids(p) for p, _ in requests]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[3] * (width - len(i)) + i for i in ids])  # <pad> = 3, left padding
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        with torch.no_grad():
+            out = reft.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                                adapter_names=[a if a is not None else "__base__" for _, a in requests])
+        return out[:, width:].tolist()
 
     def tokens(self, text: str, adapter, max_new: int) -> list[int]:
         key = (text, repr(adapter), max_new)

@@ -14,10 +14,11 @@ Server (OpenAI-compatible; adapters chosen per request with "vllm_xargs": {"reft
     python -m reft_kernels.vllm.serve MODEL --reft-adapter sentiment=adapters/sentiment [vllm serve options]
     REFT_KERNELS_ADAPTERS='sentiment=adapters/sentiment' vllm serve MODEL      # the same, by environment
 
-Modules: adapters (reading adapters: our save_pretrained format and pyreft checkpoints), state (the worker
-side: banks, requests, the plan of a step, the registered site op), mixed_op (the mixed-adapter edit it
-calls), bank (slots of a site), llm (LLM), serve (the server command), plugin (vLLM's entry point) and
-_vllm, the one module that reaches inside vLLM (the versions it was tested with are named there).
+Modules: adapters (reading adapters with rk.read_adapter: our save_pretrained format, a named adapter in a
+save's subfolder, pyreft checkpoints), state (the worker side: banks, requests, the plan of a step, the
+registered site op), mixed_op (the mixed-adapter edit it calls), bank (slots of a site), llm (LLM), serve
+(the server command), plugin (vLLM's entry point) and _vllm, the one module that reaches inside vLLM (the
+versions it was tested with are named there).
 """
 from __future__ import annotations
 

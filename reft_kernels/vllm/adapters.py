@@ -1,21 +1,26 @@
 """ReFT adapters as a server holds them: every intervention's parameters, site and position group, read
-with reft_kernels' own loaders (no vLLM here).
+with reft_kernels.read_adapter (the Hugging Face layer's reader; no base model, no vLLM here).
 
     adapter = load_served_adapter("adapters/sentiment", hidden_size=4096, num_layers=32)
     adapter.interventions[0].params        # AdapterParams: lift [r, d] (R or W2), weight, bias, proj_bias
     adapter.positions_for(37)              # [(group 0 positions), ...] for a 37-token prompt
 
-An adapter is named by a directory, or by a dict {"path": ..., options} for what a checkpoint does not store:
-- our format (ReftModel.save_pretrained: reft_config.json + reft_model.safetensors) is read with
-  ReftModel.from_pretrained; "positions" may override a saved scheme (or supply a missing one).
+An adapter is named by a directory, or by a dict {"path": ..., options} for what a directory does not say:
+- "subfolder": a subdirectory of path. ReftModel.save_pretrained of several adapters writes "default" in the
+  directory and every other one in <directory>/<name>/ (PEFT's layout); {"path": dir, "subfolder": "german"}
+  and the path "dir/german" name the same adapter (as reft.load_adapter(dir, name, subfolder=...) does).
+- our format (reft_config.json + reft_model.safetensors) stores everything, checked as
+  ReftModel.from_pretrained checks it (integrity record, every tensor's key, shape, dtype, finiteness).
+  "positions" may supply the scheme of an adapter saved without one (ReftConfig(positions=None): trained on
+  locations its data gave) or serve it with another; it must keep the adapter's layout (an adapter with
+  untied prefix / suffix interventions needs an "f{p}+l{s}" scheme, one without them cannot take one).
 - a pyreft checkpoint (config.json + intkey_*.bin, or a Trainer checkpoint's intkey files with
-  "representations") is read with reft_kernels.load_pyreft; pyreft stores no position scheme, dtype, act
-  or add_bias, so "positions" (required), "share_weights", "dtype", "act", "add_bias" and
-  "representations" are passed on to it (its docstring).
-
-Both loaders build a ReftModel; here they build it on a stand-in for the served model (its width, depth and
-model_type; a block list with `self_attn` and `mlp` children), so the served model's weights are never
-needed and an adapter of the wrong width or depth is refused by the loaders' own checks.
+  "representations") stores no position scheme, dtype, act or add_bias: "positions" (required),
+  "share_weights", "dtype", "act", "add_bias" and "representations" are passed on to read_adapter
+  (load_pyreft's docstring).
+The served model's width and depth are checked at load (ValueError naming both): ours against the base model
+the adapter was saved with, pyreft's against its intervention widths and deepest layer. An adapter that also
+trains base-model modules (unfrozen_modules, or pyreft's non-empty pytorch_model.bin) is refused.
 
 Positions. An adapter edits its prompt at the positions its scheme names ("f{p}+l{s}", "f{p}", "l{s}",
 "last"), resolved against the whole prompt exactly as ReftModel.locations does for one unpadded prompt.
@@ -34,21 +39,20 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
+import warnings
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
 
+from ..integration.adapters import Adapter, adapter_format, read_adapter
 from ..integration.locate import COMPONENTS
-from ..integration.positions import parse_positions, scheme_locations
-from ..ops.fused_edit import EditSpec
+from ..integration.positions import scheme_locations
 
 from .mixed_op import AdapterParams
 
 PYREFT_OPTIONS = ("positions", "share_weights", "dtype", "act", "add_bias", "representations")
-OUR_CONFIG = "reft_config.json"
+OPTIONS = ("path", "subfolder", *PYREFT_OPTIONS)
 
 
 @dataclasses.dataclass
@@ -114,48 +118,47 @@ class ServedAdapter:
         return f"reft-kernels:{self.fingerprint}:{digest}"
 
 
-# -- the stand-in model ------------------------------------------------------------------------------------
-
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.self_attn = nn.Identity()
-        self.mlp = nn.Identity()
-
-
-class _StandIn(nn.Module):
-    """Width, depth and model_type of the served model, and a block list the loaders can find ("layers")."""
-
-    def __init__(self, hidden_size: int, num_layers: int, model_type: Optional[str]):
-        super().__init__()
-        self.config = types.SimpleNamespace(hidden_size=hidden_size, num_hidden_layers=num_layers,
-                                            model_type=model_type)
-        self.layers = nn.ModuleList(_Block() for _ in range(num_layers))
-
-
 # -- loading -----------------------------------------------------------------------------------------------
 
 def _spec_dict(spec: Union[str, os.PathLike, dict]) -> dict:
+    """{"path": the adapter's directory (subfolder joined), options}."""
     if isinstance(spec, (str, os.PathLike)):
         return {"path": os.fspath(spec)}
     if isinstance(spec, dict) and "path" in spec:
-        unknown = set(spec) - {"path", *PYREFT_OPTIONS}
+        unknown = set(spec) - set(OPTIONS)
         if unknown:
-            raise ValueError(f"unknown adapter options {sorted(unknown)}; known: path, {', '.join(PYREFT_OPTIONS)}")
-        return dict(spec, path=os.fspath(spec["path"]))
+            raise ValueError(f"unknown adapter options {sorted(unknown)}; known: {', '.join(OPTIONS)}")
+        out = dict(spec, path=os.fspath(spec["path"]))
+        sub = out.pop("subfolder", None)
+        if sub is not None:
+            if not isinstance(sub, (str, os.PathLike)) or not os.fspath(sub):
+                raise ValueError(f"subfolder must be a subdirectory name (str), got {sub!r}")
+            out["path"] = os.path.join(out["path"], os.fspath(sub))
+        return out
     raise TypeError(f"an adapter is a directory (str or PathLike) or a dict with a 'path' key, got {spec!r}")
 
 
 def detect_format(path: str) -> str:
-    """"reft_kernels" (reft_config.json) or "pyreft" (intkey_*.bin); FileNotFoundError otherwise."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"adapter directory {path!r} does not exist")
-    if os.path.isfile(os.path.join(path, OUR_CONFIG)):
-        return "reft_kernels"
-    if any(n.startswith("intkey_") and n.endswith(".bin") for n in os.listdir(path)):
-        return "pyreft"
-    raise FileNotFoundError(f"{path!r} holds neither {OUR_CONFIG} (ReftModel.save_pretrained) nor intkey_*.bin "
-                            "(a pyreft checkpoint)")
+    """"reft_kernels" or "pyreft" (reft_kernels.read_adapter's test); FileNotFoundError otherwise, naming the
+    adapters a multi-adapter save holds in subfolders when `path` is the root of one without "default"."""
+    try:
+        return adapter_format(path)
+    except FileNotFoundError as e:
+        subs = sorted(n for n in os.listdir(path) if _is_adapter_dir(os.path.join(path, n))) \
+            if os.path.isdir(path) else []
+        if not subs:
+            raise
+        raise FileNotFoundError(f"{e}. It holds the adapters {subs} in subfolders (ReftModel.save_pretrained of "
+                                f"several adapters): name one as {os.path.join(path, subs[0])!r} or "
+                                f"{{'path': {path!r}, 'subfolder': {subs[0]!r}}}") from None
+
+
+def _is_adapter_dir(path: str) -> bool:
+    try:
+        adapter_format(path)
+    except (FileNotFoundError, OSError):
+        return False
+    return True
 
 
 def _dtype(x: Any) -> Any:
@@ -167,30 +170,55 @@ def _dtype(x: Any) -> Any:
     return x
 
 
-def _load_reft_model(spec: dict, stand_in: nn.Module):
-    from ..integration.model import ReftModel
-
+def _read(spec: dict, hidden_size: int, num_layers: int, model_type: Optional[str]) -> tuple[Adapter, str]:
+    """The adapter (reft_kernels.read_adapter), checked against the served model's width and depth."""
     path = spec["path"]
     fmt = detect_format(path)
     if fmt == "reft_kernels":
         extra = set(spec) - {"path", "positions"}
         if extra:
             raise ValueError(f"{path} is a reft_kernels adapter (its config stores everything); only 'positions' "
-                             f"may be given with it, got {sorted(extra)}")
-        reft = ReftModel.from_pretrained(stand_in, path, layers_path="layers")
-    else:
-        from ..interop.pyreft_checkpoint import load_pyreft
+                             f"and 'subfolder' may be given with it, got {sorted(extra)}")
+        adapter = read_adapter(path)
+        base = adapter.base_model
+        if base["hidden_size"] != hidden_size or base["num_layers"] != num_layers:
+            raise ValueError(f"the adapter in {path} was trained on a {base['class']} with hidden size "
+                             f"{base['hidden_size']} and {base['num_layers']} layers; the served model has hidden "
+                             f"size {hidden_size} and {num_layers} layers")
+        if base.get("model_type") and model_type is not None and base["model_type"] != model_type:
+            warnings.warn(f"the adapter in {path} was trained on model_type {base['model_type']!r}, serving it on "
+                          f"{model_type!r}", stacklevel=4)
+        return adapter, fmt
+    opts = {k: v for k, v in spec.items() if k != "path"}
+    if "dtype" in opts:
+        opts["dtype"] = _dtype(opts["dtype"])
+    if opts.get("positions") is None:
+        raise ValueError(f"{path} is a pyreft checkpoint, which stores no position scheme: give the adapter as "
+                         "{'path': ..., 'positions': 'f5+l5'} (the scheme it was trained with; also "
+                         "'share_weights' if it was trained with share_weights=False)")
+    # pyreft's files say the intervention widths; dim and num_layers make read_pyreft refuse another model
+    return read_adapter(path, dim=hidden_size, num_layers=num_layers, where="the served model", **opts), fmt
 
-        opts = {k: v for k, v in spec.items() if k != "path"}
-        if "dtype" in opts:
-            opts["dtype"] = _dtype(opts["dtype"])
-        if opts.get("positions") is None:
-            raise ValueError(f"{path} is a pyreft checkpoint, which stores no position scheme: give the adapter as "
-                             "{'path': ..., 'positions': 'f5+l5'} (the scheme it was trained with; also "
-                             "'share_weights' if it was trained with share_weights=False)")
-        reft = load_pyreft(stand_in, path, layers_path="layers", **opts)
-    reft.remove_hooks()
-    return reft, fmt
+
+def _scheme(adapter: Adapter, path: str, override: Optional[str]) -> str:
+    """The position scheme to serve with: the saved one, or `override` when it keeps the adapter's layout."""
+    config = adapter.config
+    if override is None or override == config.positions:
+        if config.positions is None:
+            raise ValueError(f"{path} has no position scheme (saved with ReftConfig(positions=None)); give the "
+                             "adapter as {'path': ..., 'positions': 'f5+l5'} (or 'last'), the scheme to edit with")
+        return config.positions
+    try:
+        served = dataclasses.replace(config, positions=override)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"adapter {path}: {e}") from None
+    if served.untied != config.untied:
+        have = "has" if config.untied else "has no"
+        raise ValueError(f"adapter {path} {have} untied prefix / suffix interventions (share_weights="
+                         f"{config.share_weights}, positions={config.positions!r}); positions={override!r} would "
+                         f"{'drop' if config.untied else 'need'} them: give a scheme that "
+                         f"{'has both a prefix and a suffix' if config.untied else 'keeps one group'}")
+    return override
 
 
 def _fingerprint(adapter: ServedAdapter) -> str:
@@ -210,41 +238,33 @@ def load_served_adapter(spec: Union[str, os.PathLike, dict], *, hidden_size: int
     a missing or unrecognised directory and ValueError for an adapter that does not fit the model, has no
     position scheme, or trains base-model modules (unfrozen_modules cannot be served as an adapter)."""
     spec = _spec_dict(spec)
-    reft, fmt = _load_reft_model(spec, _StandIn(hidden_size, num_layers, model_type))
-    config = reft.reft_config
     path = spec["path"]
+    adapter, fmt = _read(spec, hidden_size, num_layers, model_type)
+    config = adapter.config
     if config.unfrozen_modules:
         raise ValueError(f"{path} also trains base-model modules {config.unfrozen_modules}; a served adapter may "
                          "only hold interventions (merge those weights into the served model instead)")
-    positions = spec.get("positions") or config.positions
-    if positions is None:
-        raise ValueError(f"{path} has no position scheme; give the adapter as {{'path': ..., 'positions': "
-                         "'f5+l5'}} (or 'last'), the scheme it was trained with")
-    if positions != "last":
-        parse_positions(positions)
-    share = config.share_weights
-    untied = positions != "last" and not share and all(parse_positions(positions))
+    positions = _scheme(adapter, path, spec.get("positions") if fmt == "reft_kernels" else None)
+    untied = config.untied
+    half = adapter.num_interventions // 2
     interventions: list[ServedIntervention] = []
-    modules = list(reft.interventions.values())
-    half = len(modules) // 2
     seen: dict[tuple, int] = {}
+    f32 = lambda t: None if t is None else t.detach().to("cpu", torch.float32).contiguous()  # noqa: E731
     with torch.no_grad():
-        for k, ((rep, _copy), module) in enumerate(zip(config.interventions(), modules)):
+        for k, (rep, _copy) in enumerate(config.interventions()):
             group = int(untied and k >= half)
             key = (rep.layer, rep.component, group)
             pass_index = seen.get(key, 0)
             seen[key] = pass_index + 1
-            f32 = lambda t: None if t is None else t.detach().to("cpu", torch.float32).contiguous()  # noqa: E731
-            params = AdapterParams(
-                lift=f32(module.lift()), weight=f32(module._weight()), bias=f32(module.bias),
-                proj_bias=f32(module._proj_bias()),
-                spec=EditSpec(module.source_linear, module.subtract_proj, module.act), dropout=0.0)
+            p = adapter.params(k)
+            params = AdapterParams(lift=f32(p.lift), weight=f32(p.weight), bias=f32(p.bias),
+                                   proj_bias=f32(p.proj_bias), spec=p.spec, dropout=0.0)
             interventions.append(ServedIntervention(rep.layer, rep.component, group, pass_index, params))
-    adapter = ServedAdapter(source=path, format=fmt, hidden_size=hidden_size, num_layers=num_layers,
-                            positions=positions, share_weights=share, interventions=interventions,
-                            num_groups=2 if untied else 1)
-    adapter.fingerprint = _fingerprint(adapter)
-    return adapter
+    served = ServedAdapter(source=path, format=fmt, hidden_size=hidden_size, num_layers=num_layers,
+                           positions=positions, share_weights=config.share_weights, interventions=interventions,
+                           num_groups=2 if untied else 1)
+    served.fingerprint = _fingerprint(served)
+    return served
 
 
 def parse_adapter_list(text: str) -> dict[str, Union[str, dict]]:
