@@ -247,33 +247,45 @@ def build_reft_kernels(work: Workload, adapter, train: bool, *, trainable_for_ge
 # ------------------------------------------------------------------------------------------------
 
 
-def stub_datasets() -> None:
+def stub_datasets() -> bool:
     """pyreft imports `datasets` at the top, which neither a benchmark nor a test of ours uses: where it is not
-    installed, a stub module stands in (tests_pyreft/conftest.py calls this too)."""
+    installed, a stub module stands in (tests_pyreft/conftest.py calls this too). Returns whether it did. The
+    stub's Dataset is a class nothing is an instance of: transformers' Trainer asks
+    `isinstance(train_dataset, datasets.Dataset)` whenever `datasets` imports, and a stand-in that answered yes
+    for a list sent it down datasets-only code."""
     import importlib.machinery
     import sys
     import types
 
     try:
         import datasets  # noqa: F401
+
+        return False
     except ImportError:
         stub = types.ModuleType("datasets")
-        stub.Dataset = object
+        stub.Dataset = type("Dataset", (), {"__doc__": "reft_kernels' stand-in: the datasets package is not installed"})
         stub.load_dataset = None
         stub.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
         sys.modules["datasets"] = stub
+        return True
 
 
 def import_pyreft():
     """(pyreft, "") when pyreft imports here, else (None, the reason); `datasets` is stubbed where missing
-    (stub_datasets). pyreft 0.1.0 pins transformers 4.45.1."""
-    stub_datasets()
+    (stub_datasets) for the import only, so the rest of the process still sees it missing. pyreft 0.1.0 pins
+    transformers 4.45.1."""
+    import sys
+
+    stubbed = stub_datasets()
     try:
         import pyreft
 
         return pyreft, ""
     except Exception as e:  # ImportError, or a version clash inside pyreft/pyvene
         return None, f"{type(e).__name__}: {e}".splitlines()[0][:160]
+    finally:
+        if stubbed:
+            sys.modules.pop("datasets", None)
 
 
 def pyreft_model(model: nn.Module, adapter, pyreft=None):
