@@ -343,22 +343,16 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
 // Meta (shapes only: torch.compile and FakeTensor tracing)
 // ------------------------------------------------------------------------------------------------
 
-// Every tensor on x's device: the one check that needs no concrete shape (these kernels also trace symbolic
-// ones). A call mixing meta tensors with CPU ones is sent here by the dispatcher, and would otherwise
-// return without editing anything.
-void check_meta_devices(const at::Tensor& x, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
-  for (const auto& [name, t] : ts)
-    if (t != nullptr && t->defined()) reft_checks::check_device(*t, name, x);
-}
-
-const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+// Every tensor on x's device (reft_checks::check_devices): the one check that needs no concrete shape.
+using reft_checks::check_devices;
+using reft_checks::ptr;
 
 std::tuple<at::Tensor, at::Tensor> edit_fwd_meta(
     const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& lift, const std::optional<at::Tensor>& weight,
     const at::Tensor& bias, const std::optional<at::Tensor>& proj_bias, bool, bool, c10::string_view, double, int64_t,
     int64_t save) {
-  check_meta_devices(hidden, {{"positions", &positions}, {"lift", &lift}, {"weight", ptr(weight)}, {"bias", &bias},
-                              {"proj_bias", ptr(proj_bias)}});
+  check_devices(hidden, {{"positions", &positions}, {"lift", &lift}, {"weight", ptr(weight)}, {"bias", &bias},
+                         {"proj_bias", ptr(proj_bias)}});
   const auto N = hidden.sym_size(0) * positions.sym_size(1);
   const int64_t rp = r_pad(lift.size(0));
   at::Tensor saved = save >= 2 ? at::empty_symint({N, hidden.sym_size(2)}, hidden.options()) : at::empty({0}, hidden.options());
@@ -372,8 +366,8 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_meta(
     const std::optional<at::Tensor>& output, const at::Tensor& stats, const at::Tensor& lift,
     const std::optional<at::Tensor>& weight, bool source_linear, bool, bool has_proj_bias, c10::string_view, double,
     int64_t, bool need_grad_hidden) {
-  check_meta_devices(grad_out, {{"positions", &positions}, {"rows", ptr(rows)}, {"output", ptr(output)},
-                                {"stats", &stats}, {"lift", &lift}, {"weight", ptr(weight)}});
+  check_devices(grad_out, {{"positions", &positions}, {"rows", ptr(rows)}, {"output", ptr(output)},
+                           {"stats", &stats}, {"lift", &lift}, {"weight", ptr(weight)}});
   const int64_t r = lift.size(0), d = lift.size(1);
   const int64_t M = (source_linear ? 2 : 1) * r * d + (has_proj_bias ? 2 : 1) * r;
   at::Tensor grad_hidden = need_grad_hidden ? at::empty_symint(grad_out.sym_sizes(), grad_out.options())
@@ -386,8 +380,8 @@ at::Tensor edit_meta(const at::Tensor& hidden, const at::Tensor& positions, cons
                      const std::optional<at::Tensor>& weight, const at::Tensor& bias,
                      const std::optional<at::Tensor>& proj_bias, bool, bool, c10::string_view, double, int64_t, bool,
                      bool) {
-  check_meta_devices(hidden, {{"positions", &positions}, {"lift", &lift}, {"weight", ptr(weight)}, {"bias", &bias},
-                              {"proj_bias", ptr(proj_bias)}});
+  check_devices(hidden, {{"positions", &positions}, {"lift", &lift}, {"weight", ptr(weight)}, {"bias", &bias},
+                         {"proj_bias", ptr(proj_bias)}});
   return hidden;
 }
 
@@ -472,12 +466,13 @@ at::Tensor edit_autograd(const at::Tensor& hidden, const at::Tensor& positions, 
                 "that need gradients take the Triton ops (reft_kernels.reft_edit routes them), got ", hidden.device());
     reft_checks::check_not_leaf(hidden);
     // A parameter that shares memory with hidden is cloned before the autograd Function (a differentiable
-    // copy): the edit reads it as it was, and its gradient flows through the clone to what it viewed.
+    // copy): the edit reads it as it was, and its gradient flows through the clone to what it viewed. So are
+    // positions: the backward reads them again, after the edit rewrote hidden.
     const auto own = [&](const at::Tensor& x) { return reft_checks::overlaps(x, hidden) ? x.clone() : x; };
     const auto own_opt = [&](const std::optional<at::Tensor>& x) {
       return x.has_value() && x->defined() ? std::optional<at::Tensor>(own(*x)) : x;
     };
-    return EditFunction::apply(hidden, positions, own(lift), own_opt(weight), own(bias), own_opt(proj_bias),
+    return EditFunction::apply(hidden, own(positions), own(lift), own_opt(weight), own(bias), own_opt(proj_bias),
                                source_linear, subtract_proj, std::string(act), dropout, seed, recompute,
                                check_positions);
   }

@@ -40,6 +40,7 @@
 
 #include "activations.h"
 #include "edit_cpu_kernels.h"
+#include "validation.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -62,77 +63,88 @@ struct Layout {
   int64_t B, T, P, d, sb, st, sd;
 };
 
+// x (hidden or grad_out) a CPU float tensor, [B, T, d] with positions [B, P] or [n_tokens, d] with the rows
+// [N] (the flat layout, passed as `positions`); the messages are the public functions' (validation.py).
 Layout layout_of(const at::Tensor& x, const char* x_name, const at::Tensor& positions) {
-  TORCH_CHECK(x.device().is_cpu(), "reft_kernels_cpp: ", x_name, " must be a CPU tensor, got ", x.device());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "reft_kernels_cpp: ", x_name,
-              " must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
-              "reft_kernels_cpp: positions (rows) must be int32 or int64, got ", positions.scalar_type());
-  if (x.dim() == 2) {
-    TORCH_CHECK(positions.dim() == 1, "reft_kernels_cpp: with ", x_name, " [n_tokens, d] (the flat layout) the rows "
-                "must be [N], got shape ", positions.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "reft_kernels_cpp: ", x_name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, x_name, " must be [B, T, d] (batched) or [n_tokens, d] (flat), got "
+                    "shape ", x.sizes());
+  reft_checks::check_dtype(x, x_name);
+  const bool flat = x.dim() == 2;
+  const char* pos_name = flat ? "rows (positions)" : "positions";
+  TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt, pos_name,
+                   " must be int32 or int64, got ", positions.scalar_type());
+  reft_checks::check_device(positions, pos_name, x);
+  if (flat) {
+    TORCH_CHECK_VALUE(positions.dim() == 1, "with ", x_name, " [n_tokens, d] (the flat layout) the rows (positions) "
+                      "must be [N], got shape ", positions.sizes());
     return {true, 1, x.size(0), positions.size(0), x.size(1), 0, x.stride(0), x.stride(1)};
   }
-  TORCH_CHECK(x.dim() == 3, "reft_kernels_cpp: ", x_name, " must be [B, T, d] (batched) or [n_tokens, d] (flat), got "
-              "shape ", x.sizes());
-  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == x.size(0), "reft_kernels_cpp: positions must be [B, P] "
-              "with B = ", x.size(0), ", got shape ", positions.sizes());
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.size(0) == x.size(0), "positions must be [B, P] with B=",
+                    x.size(0), " (", x_name, "'s batch), got shape ", positions.sizes());
   return {false, x.size(0), x.size(1), positions.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2)};
 }
 
-// The bank's tensors, checked against each other and against d; the per-adapter metadata read on the host.
+// The bank's tensors, checked against each other and against d; the per-adapter metadata, copied to the host.
 struct Bank {
   int64_t A, r, d, rp;
   bool has_weight, has_pb;
-  const int32_t* kinds;
-  const int32_t* ranks;
-  const float* dropout;
-  at::Tensor kinds_t, ranks_t, dropout_t;  // (keep the contiguous copies alive)
+  // (copies, read once before anything is written: a bank tensor sharing memory with hidden cannot change
+  // them under the kernels, and nothing indexes the caller's tensors by their strides)
+  std::vector<int32_t> kinds, ranks;
+  std::vector<float> dropout;
 };
 
+// A [A, r] or [A, r, d] float tensor of the bank on x's device.
+void check_bank_tensor(const at::Tensor& t, const char* name, c10::IntArrayRef shape, const char* dims,
+                       const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, "the bank's ", name, " must be ", dims, " = ", shape, ", got shape ", t.sizes());
+  TORCH_CHECK_TYPE(reft_checks::kernel_float(t.scalar_type()), "the bank's ", name,
+                   " must have a dtype in [float32, float16, bfloat16], got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "the bank's ", name, " must be on hidden's device ", x.device(), ", got ",
+                    t.device());
+}
+
+// kinds, ranks [A] int32 and dropout [A] float32, copied out (whatever their strides).
+template <typename T>
+std::vector<T> bank_vector(const at::Tensor& t, const char* name, at::ScalarType want, int64_t A, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == A, "the bank's ", name, " must be [A] = [", A, "], got shape ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "the bank's ", name, " must be ", want, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "the bank's ", name, " must be on hidden's device ", x.device(), ", got ",
+                    t.device());
+  std::vector<T> out(A);
+  const T* p = t.const_data_ptr<T>();
+  for (int64_t a = 0; a < A; ++a) out[a] = p[a * t.stride(0)];
+  return out;
+}
+
+// bias is null for the backward (which takes no bias); has_pb: whether the bank has a proj_bias.
 Bank check_bank(const at::Tensor& lift, const std::optional<at::Tensor>& weight, const at::Tensor* bias,
                 const std::optional<at::Tensor>& proj_bias, bool has_pb, const at::Tensor& kinds,
-                const at::Tensor& ranks, const at::Tensor& dropout, int64_t d) {
-  TORCH_CHECK(lift.dim() == 3 && lift.size(2) == d, "reft_kernels_cpp: lift must be [A, r, d] with d = ", d,
-              ", got shape ", lift.sizes());
-  TORCH_CHECK(lift.device().is_cpu(), "reft_kernels_cpp: lift must be a CPU tensor, got ", lift.device());
+                const at::Tensor& ranks, const at::Tensor& dropout, const at::Tensor& x) {
+  const int64_t d = x.size(-1);
+  TORCH_CHECK_VALUE(lift.dim() == 3 && lift.size(2) == d && lift.size(0) >= 1 && lift.size(1) >= 1,
+                    "the bank's lift must be [A, r, d] with d = ", d, " (hidden's), A >= 1 and r >= 1, got shape ",
+                    lift.sizes());
   const int64_t A = lift.size(0), r = lift.size(1);
+  check_bank_tensor(lift, "lift", lift.sizes(), "[A, r, d]", x);
   const bool has_weight = weight.has_value() && weight->defined();
-  if (has_weight) {
-    TORCH_CHECK(weight->sizes() == lift.sizes() && weight->device().is_cpu(), "reft_kernels_cpp: weight must be "
-                "[A, r, d] = ", lift.sizes(), " on the CPU, got shape ", weight->sizes(), " on ", weight->device());
-  }
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == A && bias->size(1) == r && bias->device().is_cpu(),
-                "reft_kernels_cpp: bias must be [A, r] = [", A, ", ", r, "] on the CPU, got shape ", bias->sizes());
-  }
-  if (proj_bias.has_value() && proj_bias->defined()) {
-    TORCH_CHECK(proj_bias->dim() == 2 && proj_bias->size(0) == A && proj_bias->size(1) == r &&
-                proj_bias->device().is_cpu(), "reft_kernels_cpp: proj_bias must be [A, r] = [", A, ", ", r,
-                "] on the CPU, got shape ", proj_bias->sizes());
-  }
-  const auto vec = [&](const at::Tensor& t, const char* name, at::ScalarType want) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == A && t.scalar_type() == want && t.device().is_cpu(), "reft_kernels_cpp: ",
-                name, " must be [A] = [", A, "] ", want, " on the CPU, got shape ", t.sizes(), " ", t.scalar_type(),
-                " on ", t.device());
-    return t.contiguous();
-  };
-  Bank bk{A, r, d, r_pad(r), has_weight, has_pb, nullptr, nullptr, nullptr,
-          vec(kinds, "kinds", at::kInt), vec(ranks, "ranks", at::kInt), vec(dropout, "dropout", at::kFloat)};
-  bk.kinds = bk.kinds_t.data_ptr<int32_t>();
-  bk.ranks = bk.ranks_t.data_ptr<int32_t>();
-  bk.dropout = bk.dropout_t.data_ptr<float>();
+  if (has_weight) check_bank_tensor(*weight, "weight", lift.sizes(), "[A, r, d]", x);
+  if (bias) check_bank_tensor(*bias, "bias", {A, r}, "[A, r]", x);
+  if (proj_bias.has_value() && proj_bias->defined()) check_bank_tensor(*proj_bias, "proj_bias", {A, r}, "[A, r]", x);
+  Bank bk{A, r, d, r_pad(r), has_weight, has_pb, bank_vector<int32_t>(kinds, "kinds", at::kInt, A, x),
+          bank_vector<int32_t>(ranks, "ranks", at::kInt, A, x), bank_vector<float>(dropout, "dropout", at::kFloat, A, x)};
   for (int64_t a = 0; a < A; ++a) {
     TORCH_CHECK_VALUE(bk.ranks[a] >= 0 && bk.ranks[a] <= r, "ranks must lie in [0, r] with r = ", r,
                       " (the bank's rank), got ranks[", a, "] = ", bk.ranks[a]);
     const int32_t k = bk.kinds[a];
+    TORCH_CHECK_VALUE(k >= 0 && (k >> kActShift) <= 7, "kinds[", a, "] = ", k,
+                      " names no fused activation (codes 0-7 in bits 8 and up)");
     TORCH_CHECK_VALUE(has_weight || !(k & kSourceLinear) || bk.ranks[a] == 0, "adapter ", a, " has a linear source "
                       "(kinds[", a, "] = ", k, ") but the bank has no weight");
-    TORCH_CHECK_VALUE((k >> kActShift) >= 0 && (k >> kActShift) <= 7, "kinds[", a, "] = ", k,
-                      " names no activation code (0-7)");
     TORCH_CHECK_VALUE(bk.dropout[a] >= 0.0f && bk.dropout[a] < 1.0f, "dropout must lie in [0, 1), got dropout[", a,
-                      "] = ", bk.dropout[a]);
+                      "] = ", bk.dropout[a]);  // (NaN fails)
   }
   return bk;
 }
@@ -146,25 +158,28 @@ struct Routing {
   std::vector<int64_t> offsets;   // [A + 1]: adapter a's slots are order[offsets[a] : offsets[a + 1]]
 };
 
-// check: raise a ValueError for positions outside [-1, T) or adapter ids outside [-1, A) (the public
-// functions ask for it on eager calls); otherwise such slots are empty, the kernels' contract.
-Routing route(const Layout& L, const at::Tensor& positions, const at::Tensor& adapter_ids, const Bank& bk, bool check) {
-  TORCH_CHECK(adapter_ids.scalar_type() == at::kLong || adapter_ids.scalar_type() == at::kInt,
-              "reft_kernels_cpp: adapter_ids must be int32 or int64, got ", adapter_ids.scalar_type());
-  const bool per_row = !L.flat && adapter_ids.dim() == 1;
+// adapter_ids: [N] (flat), [B] or [B, P] (batched), int32/int64, on x's device.
+void check_adapter_ids(const Layout& L, const at::Tensor& adapter_ids, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(adapter_ids.scalar_type() == at::kLong || adapter_ids.scalar_type() == at::kInt,
+                   "adapter_ids must be int32 or int64, got ", adapter_ids.scalar_type());
+  reft_checks::check_device(adapter_ids, "adapter_ids", x);
   if (L.flat) {
-    TORCH_CHECK(adapter_ids.dim() == 1 && adapter_ids.size(0) == L.P, "reft_kernels_cpp: adapter_ids must be [N] = [",
-                L.P, "] (one per row), got shape ", adapter_ids.sizes());
+    TORCH_CHECK_VALUE(adapter_ids.dim() == 1 && adapter_ids.size(0) == L.P, "adapter_ids must be [N] = [", L.P,
+                      "] (one per row), got shape ", adapter_ids.sizes());
   } else {
-    TORCH_CHECK((adapter_ids.dim() == 1 && adapter_ids.size(0) == L.B) ||
-                (adapter_ids.dim() == 2 && adapter_ids.size(0) == L.B && adapter_ids.size(1) == L.P),
-                "reft_kernels_cpp: adapter_ids must be [B] = [", L.B, "] (one per batch row) or [B, P] = [", L.B, ", ",
-                L.P, "] (one per slot), got shape ", adapter_ids.sizes());
+    TORCH_CHECK_VALUE((adapter_ids.dim() == 1 && adapter_ids.size(0) == L.B) ||
+                      (adapter_ids.dim() == 2 && adapter_ids.size(0) == L.B && adapter_ids.size(1) == L.P),
+                      "adapter_ids must be [B] = [", L.B, "] (one per batch row) or [B, P] = [", L.B, ", ", L.P,
+                      "] (one per slot), got shape ", adapter_ids.sizes());
   }
-  const auto as_long = [](const at::Tensor& t) {
-    at::Tensor x = t.is_cpu() ? t : t.cpu();
-    return (x.scalar_type() == at::kLong ? x : x.to(at::kLong)).contiguous();
-  };
+}
+
+// check: raise a ValueError for positions outside [-1, T) or adapter ids outside [-1, A) (the public
+// functions ask for it on eager calls); otherwise such slots are empty, the kernels' contract. Reads positions
+// and adapter ids once, before anything is written (they may share memory with hidden).
+Routing route(const Layout& L, const at::Tensor& positions, const at::Tensor& adapter_ids, const Bank& bk, bool check) {
+  const bool per_row = !L.flat && adapter_ids.dim() == 1;
+  const auto as_long = [](const at::Tensor& t) { return (t.scalar_type() == at::kLong ? t : t.to(at::kLong)).contiguous(); };
   const at::Tensor pos = as_long(positions), ids = as_long(adapter_ids);
   const int64_t* p = pos.data_ptr<int64_t>();
   const int64_t* id = ids.data_ptr<int64_t>();
@@ -215,6 +230,8 @@ Routing route(const Layout& L, const at::Tensor& positions, const at::Tensor& ad
 // act >= 0 is the activation of every non-empty adapter with a linear source, and without may_subtract no
 // non-empty adapter subtracts L h. (act = -1 with may_subtract holds for every bank.)
 void check_hints(const Bank& bk, int64_t act, bool may_subtract) {
+  TORCH_CHECK_VALUE(act >= -1 && act <= 7, "act must be -1 (each adapter's own, from kinds) or a fused activation "
+                    "code in [0, 7], got ", act);
   for (int64_t a = 0; a < bk.A; ++a) {
     const int32_t k = bk.kinds[a];
     if (bk.ranks[a] <= 0) continue;
@@ -227,16 +244,18 @@ void check_hints(const Bank& bk, int64_t act, bool may_subtract) {
 
 // fp32 [r, d] parameter slices of the adapters a call touches: pointers into the bank when it is fp32 and
 // contiguous, else the touched slices alone converted (never the whole bank: at A = 512 it outweighs the rows).
+// copy: the bank shares memory with the rows the call edits, so it is read from a copy made before any write
+// (what the reference computes; the single-adapter op does the same).
 struct Slices {
   std::vector<const float*> ptr;  // [A] (null for adapters the call does not touch)
   at::Tensor buf;
 
-  Slices(const at::Tensor& bank, const Routing& rt, int64_t A, int64_t r, int64_t d) : ptr(A, nullptr) {
+  Slices(const at::Tensor& bank, const Routing& rt, int64_t A, int64_t r, int64_t d, bool copy) : ptr(A, nullptr) {
     if (A == 0) return;
     const int64_t rd = r * d;
-    const at::Tensor src = bank.is_contiguous() ? bank : bank.contiguous();
+    const at::Tensor src = copy ? bank.clone(at::MemoryFormat::Contiguous) : bank.contiguous();
     if (src.scalar_type() == at::kFloat) {
-      if (!bank.is_contiguous()) buf = src;  // (keep the copy alive)
+      buf = src;  // (keeps a copy alive)
       const float* base = src.data_ptr<float>();
       for (int64_t a = 0; a < A; ++a) ptr[a] = base + a * rd;
       return;
@@ -265,18 +284,27 @@ struct AdapterParams {
   float p_drop;
 };
 
+inline bool aliased(const at::Tensor& t, const at::Tensor* written) {
+  return written != nullptr && reft_checks::overlaps(t, *written);
+}
+
 struct BankParams {
   Slices L, W;
   at::Tensor b, pb;  // fp32 [A, r]
   const Bank& bk;
   bool apply_dropout;
 
+  // written: hidden when the call edits it (the forward), else null; a bank tensor sharing memory with it is
+  // read from a copy
   BankParams(const Bank& bk, const Routing& rt, const at::Tensor& lift, const std::optional<at::Tensor>& weight,
-             const at::Tensor* bias, const std::optional<at::Tensor>& proj_bias, bool apply_dropout)
-      : L(lift, rt, bk.A, bk.r, bk.d),
-        W(bk.has_weight ? *weight : lift, rt, bk.has_weight ? bk.A : 0, bk.r, bk.d),
-        b(bias ? as_fp32(*bias) : at::Tensor()),
-        pb(proj_bias.has_value() && proj_bias->defined() ? as_fp32(*proj_bias) : at::Tensor()),
+             const at::Tensor* bias, const std::optional<at::Tensor>& proj_bias, bool apply_dropout,
+             const at::Tensor* written)
+      : L(lift, rt, bk.A, bk.r, bk.d, aliased(lift, written)),
+        W(bk.has_weight ? *weight : lift, rt, bk.has_weight ? bk.A : 0, bk.r, bk.d,
+          bk.has_weight && aliased(*weight, written)),
+        b(bias ? as_fp32(*bias, aliased(*bias, written)) : at::Tensor()),
+        pb(proj_bias.has_value() && proj_bias->defined() ? as_fp32(*proj_bias, aliased(*proj_bias, written))
+                                                          : at::Tensor()),
         bk(bk),
         apply_dropout(apply_dropout) {}
 
@@ -357,16 +385,21 @@ std::tuple<at::Tensor, at::Tensor> mixed_fwd_impl(
     const at::Tensor& kinds, const at::Tensor& ranks, const at::Tensor& dropout, bool apply_dropout, int64_t seed,
     int64_t save, bool check, int64_t act = -1, bool may_subtract = true) {
   const Layout L = layout_of(hidden, "hidden", positions);
+  check_adapter_ids(L, adapter_ids, hidden);
   const Bank bk = check_bank(lift, weight, &bias, proj_bias, proj_bias.has_value() && proj_bias->defined(), kinds,
-                             ranks, dropout, L.d);
+                             ranks, dropout, hidden);
   check_hints(bk, act, may_subtract);
+  TORCH_CHECK_VALUE(save >= 0 && save <= 2, "save must be 0 (nothing), 1 (stats) or 2 (stats and rows), got ", save);
+  reft_checks::check_no_internal_overlap(hidden);
   const int64_t N = L.B * L.P, d = L.d;
   at::Tensor saved = save >= 2 ? at::empty({N, d}, hidden.options()) : at::empty({0}, hidden.options());
   at::Tensor stats = save >= 1 ? at::empty({N, 2, bk.rp}, hidden.options().dtype(at::kFloat))
                                : at::empty({0}, hidden.options().dtype(at::kFloat));
   if (N == 0 || d == 0) return {saved, stats};
+  // (positions, adapter ids and the bank are read, or copied where they share memory with hidden, before
+  // anything is written)
   const Routing rt = route(L, positions, adapter_ids, bk, check);
-  const BankParams bp(bk, rt, lift, weight, &bias, proj_bias, apply_dropout);
+  const BankParams bp(bk, rt, lift, weight, &bias, proj_bias, apply_dropout, &hidden);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "reft_mixed_fwd_cpu", [&] {
     mixed_fwd_rows<scalar_t>(hidden.data_ptr<scalar_t>(), save >= 2 ? saved.data_ptr<scalar_t>() : nullptr,
                              save >= 1 ? stats.data_ptr<float>() : nullptr, L, rt, bp, static_cast<uint64_t>(seed));
@@ -547,9 +580,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_bwd
     const at::Tensor& ranks, const at::Tensor& dropout, bool apply_dropout, int64_t seed, bool need_grad_hidden,
     int64_t act = -1, bool may_subtract = true) {
   const Layout L = layout_of(grad_out, "grad_out", positions);
-  const Bank bk = check_bank(lift, weight, nullptr, std::nullopt, has_proj_bias, kinds, ranks, dropout, L.d);
+  check_adapter_ids(L, adapter_ids, grad_out);
+  const Bank bk = check_bank(lift, weight, nullptr, std::nullopt, has_proj_bias, kinds, ranks, dropout, grad_out);
   check_hints(bk, act, may_subtract);
   const int64_t N = L.B * L.P, d = L.d;
+  // the saved tensors are indexed by slot: exactly the forward's shapes (strides are free: read through a copy)
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat && stats.dim() == 3 && stats.size(0) == N &&
+                        stats.size(1) == 2 && stats.size(2) == bk.rp && stats.device() == grad_out.device(),
+                    "stats must be [N, 2, r_pad] = [", N, ", 2, ", bk.rp, "] float32 on ", grad_out.device(),
+                    " (mixed_fwd's output with save >= 1), got ", stats.sizes(), " ", stats.scalar_type(), " on ",
+                    stats.device());
+  const bool recompute = !rows.has_value() || !rows->defined();
+  TORCH_CHECK_VALUE(!recompute || (output.has_value() && output->defined() && output->sizes() == grad_out.sizes() &&
+                                   output->scalar_type() == grad_out.scalar_type() &&
+                                   output->device() == grad_out.device()),
+                    "mixed_bwd needs the saved rows [N, d] or the op's output (recompute) of grad_out's shape, dtype "
+                    "and device; got output ", output.has_value() && output->defined() ? output->sizes()
+                                                                                      : c10::IntArrayRef{});
+  TORCH_CHECK_VALUE(recompute || (rows->dim() == 2 && rows->size(0) == N && rows->size(1) == d &&
+                                  rows->scalar_type() == grad_out.scalar_type() && rows->device() == grad_out.device()),
+                    "rows must be [N, d] = [", N, ", ", d, "] in grad_out's dtype and device (mixed_fwd's saved rows), "
+                    "got ", rows->sizes(), " ", rows->scalar_type(), " on ", rows->device());
   Grads grads = new_grads(bk, bk.A, grad_out.options());
   at::Tensor grad_hidden = need_grad_hidden ? at::empty(grad_out.sizes(), grad_out.options())
                                             : at::empty({0}, grad_out.options());
@@ -558,17 +609,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_bwd
     if (need_grad_hidden) grad_hidden.copy_(grad_out);
     return {grad_hidden, grads.lift, grads.weight, grads.bias, grads.proj_bias};
   }
-  const bool recompute = !rows.has_value() || !rows->defined();
-  TORCH_CHECK(!recompute || (output.has_value() && output->defined() && output->sizes() == grad_out.sizes() &&
-                             output->scalar_type() == grad_out.scalar_type()),
-              "reft_kernels_cpp: mixed_bwd needs the saved rows [N, d] or the op's output (grad_out's shape)");
-  TORCH_CHECK(recompute || (rows->dim() == 2 && rows->size(0) == N && rows->size(1) == d &&
-                            rows->scalar_type() == grad_out.scalar_type()),
-              "reft_kernels_cpp: rows must be [N, d] = [", N, ", ", d, "] in grad_out's dtype, got ", rows->sizes());
-  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.numel() == N * 2 * bk.rp, "reft_kernels_cpp: stats must be "
-              "[N, 2, r_pad] = [", N, ", 2, ", bk.rp, "] float32, got ", stats.sizes());
   const Routing rt = route(L, positions, adapter_ids, bk, false);
-  const BankParams bp(bk, rt, lift, weight, nullptr, std::nullopt, apply_dropout);
+  const BankParams bp(bk, rt, lift, weight, nullptr, std::nullopt, apply_dropout, nullptr);
   const at::Tensor st = stats.contiguous();
   const at::Tensor u = recompute ? *output : rows->contiguous();
   // output strides in the batched form (flat: B = 1)
@@ -600,10 +642,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_bwd
 // Meta (shapes only: torch.compile and FakeTensor tracing)
 // ------------------------------------------------------------------------------------------------
 
+// What needs no concrete shape: every tensor on hidden's device (reft_checks::check_devices: a call mixing meta
+// and CPU tensors lands here and must not return unedited), the bank's lift [A, r, d] (its r sizes the stats),
+// and the flags.
+void check_meta(const at::Tensor& x, const char* x_name, const at::Tensor& positions, const at::Tensor& adapter_ids,
+                const at::Tensor& lift, const std::optional<at::Tensor>& weight, const at::Tensor* bias,
+                const std::optional<at::Tensor>& proj_bias, const at::Tensor& kinds, const at::Tensor& ranks,
+                const at::Tensor& dropout, int64_t act) {
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, x_name, " must be [B, T, d] (batched) or [n_tokens, d] (flat), got "
+                    "shape ", x.sym_sizes());
+  reft_checks::check_dtype(x, x_name);
+  reft_checks::check_devices(x, {{"positions", &positions}, {"adapter_ids", &adapter_ids}, {"the bank's lift", &lift},
+                                 {"the bank's weight", reft_checks::ptr(weight)}, {"the bank's bias", bias},
+                                 {"the bank's proj_bias", reft_checks::ptr(proj_bias)}, {"the bank's kinds", &kinds},
+                                 {"the bank's ranks", &ranks}, {"the bank's dropout", &dropout}});
+  TORCH_CHECK_VALUE(lift.dim() == 3, "the bank's lift must be [A, r, d], got shape ", lift.sym_sizes());
+  TORCH_CHECK_VALUE(act >= -1 && act <= 7, "act must be -1 (each adapter's own, from kinds) or a fused activation "
+                    "code in [0, 7], got ", act);
+}
+
 std::tuple<at::Tensor, at::Tensor> mixed_fwd_meta(
-    const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor&, const at::Tensor& lift,
-    const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, int64_t, bool, bool, int64_t, int64_t save, bool) {
+    const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& adapter_ids, const at::Tensor& lift,
+    const std::optional<at::Tensor>& weight, const at::Tensor& bias, const std::optional<at::Tensor>& proj_bias,
+    const at::Tensor& kinds, const at::Tensor& ranks, const at::Tensor& dropout, int64_t act, bool, bool, int64_t,
+    int64_t save, bool) {
+  check_meta(hidden, "hidden", positions, adapter_ids, lift, weight, &bias, proj_bias, kinds, ranks, dropout, act);
+  TORCH_CHECK_VALUE(save >= 0 && save <= 2, "save must be 0 (nothing), 1 (stats) or 2 (stats and rows), got ", save);
   const bool flat = hidden.dim() == 2;
   const auto N = flat ? positions.sym_size(0) : hidden.sym_size(0) * positions.sym_size(1);
   const int64_t rp = r_pad(lift.size(1));
@@ -615,16 +679,29 @@ std::tuple<at::Tensor, at::Tensor> mixed_fwd_meta(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_bwd_meta(
-    const at::Tensor& grad_out, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor& lift, const std::optional<at::Tensor>& weight,
-    bool has_proj_bias, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, bool, int64_t,
-    bool need_grad_hidden) {
+    const at::Tensor& grad_out, const at::Tensor& positions, const at::Tensor& adapter_ids,
+    const std::optional<at::Tensor>& rows, const std::optional<at::Tensor>& output, const at::Tensor& stats,
+    const at::Tensor& lift, const std::optional<at::Tensor>& weight, bool has_proj_bias, const at::Tensor& kinds,
+    const at::Tensor& ranks, const at::Tensor& dropout, int64_t act, bool, bool, int64_t, bool need_grad_hidden) {
+  check_meta(grad_out, "grad_out", positions, adapter_ids, lift, weight, nullptr, std::nullopt, kinds, ranks, dropout,
+             act);
+  reft_checks::check_devices(grad_out, {{"rows", reft_checks::ptr(rows)}, {"output", reft_checks::ptr(output)},
+                                        {"stats", &stats}});
   const auto o = grad_out.options().dtype(at::kFloat);
   const int64_t A = lift.size(0), r = lift.size(1), d = lift.size(2);
   const bool has_weight = weight.has_value() && weight->defined();
   return {need_grad_hidden ? at::empty_symint(grad_out.sym_sizes(), grad_out.options()) : at::empty({0}, grad_out.options()),
           at::empty({A, r, d}, o), has_weight ? at::empty({A, r, d}, o) : at::empty({0}, o), at::empty({A, r}, o),
           has_proj_bias ? at::empty({A, r}, o) : at::empty({0}, o)};
+}
+
+// mixed_edit's: the edit is in place, hidden is the result
+at::Tensor mixed_edit_meta(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& adapter_ids,
+                           const at::Tensor& lift, const std::optional<at::Tensor>& weight, const at::Tensor& bias,
+                           const std::optional<at::Tensor>& proj_bias, const at::Tensor& kinds, const at::Tensor& ranks,
+                           const at::Tensor& dropout, bool, int64_t, bool, bool) {
+  check_meta(hidden, "hidden", positions, adapter_ids, lift, weight, &bias, proj_bias, kinds, ranks, dropout, -1);
+  return hidden;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -699,8 +776,19 @@ at::Tensor mixed_edit_autograd(const at::Tensor& hidden, const at::Tensor& posit
                            (weight.has_value() && weight->requires_grad()) ||
                            (proj_bias.has_value() && proj_bias->requires_grad()));
   if (needs_grad) {
-    return MixedEditFunction::apply(hidden, positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout,
-                                    apply_dropout, seed, recompute, check);
+    TORCH_CHECK_VALUE(hidden.device().is_cpu(), "reft_kernels_cpp: hidden must be a CPU tensor, got ", hidden.device());
+    reft_checks::check_not_leaf(hidden);
+    // A tensor that shares memory with hidden is cloned before the autograd Function (for the bank's float
+    // tensors a differentiable copy, so their gradient flows through it to what they viewed): the forward reads
+    // it as it was, and the backward, which reads positions, ids and the bank again after the edit rewrote
+    // hidden, reads the same values.
+    const auto own = [&](const at::Tensor& x) { return reft_checks::overlaps(x, hidden) ? x.clone() : x; };
+    const auto own_opt = [&](const std::optional<at::Tensor>& x) {
+      return x.has_value() && x->defined() ? std::optional<at::Tensor>(own(*x)) : x;
+    };
+    return MixedEditFunction::apply(hidden, own(positions), own(adapter_ids), own(lift), own_opt(weight), own(bias),
+                                    own_opt(proj_bias), own(kinds), own(ranks), own(dropout), apply_dropout, seed,
+                                    recompute, check);
   }
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -744,4 +832,5 @@ TORCH_LIBRARY_IMPL(reft_kernels_cpp, CPU, m) {
 TORCH_LIBRARY_IMPL(reft_kernels_cpp, Meta, m) {
   m.impl("mixed_fwd", &reft_cpp::mixed_fwd_meta);
   m.impl("mixed_bwd", &reft_cpp::mixed_bwd_meta);
+  m.impl("mixed_edit", &reft_cpp::mixed_edit_meta);
 }

@@ -10,6 +10,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <utility>
 
@@ -48,6 +49,16 @@ inline void check_device(const at::Tensor& x, const char* name, const at::Tensor
   TORCH_CHECK_VALUE(x.device() == hidden.device(), name, " must be on hidden's device ", hidden.device(), ", got ",
                     x.device());
 }
+
+// Every tensor on x's device: what a Meta kernel checks (it needs no concrete shape; these kernels also trace
+// symbolic ones). A call mixing meta tensors with CPU ones is sent to the Meta kernel by the dispatcher, and
+// would otherwise return without editing anything.
+inline void check_devices(const at::Tensor& x, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  for (const auto& [name, t] : ts)
+    if (t != nullptr && t->defined()) check_device(*t, name, x);
+}
+
+inline const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
 inline void check_dtype(const at::Tensor& x, const char* name) {
   TORCH_CHECK_TYPE(kernel_float(x.scalar_type()), name, " must have a dtype in [float32, float16, bfloat16], got ",

@@ -3,8 +3,8 @@
 #
 # REFT_KERNELS_SANITIZE=1 makes reft_kernels.extension build csrc/ with -fsanitize=address,undefined under its
 # own extension name (reft_kernels_cpp_<isa>_asan, cached beside the normal build, never replacing it) and load
-# that build. Then the C++ tests, the registered ops' refusals and a batch of property-based cases
-# (tests/test_fuzz.py, the cpp backend) run through it. Any ASan report or UBSan finding aborts the process,
+# that build. Then the C++ tests, the registered ops' refusals (single- and mixed-adapter) and a batch of
+# property-based cases (tests/test_fuzz.py, the cpp backend, both ops) run through it. Any ASan report or UBSan finding aborts the process,
 # so the run fails.
 #
 # Loading an ASan-instrumented library into python needs the ASan runtime first in the process: python itself
@@ -53,9 +53,14 @@ ok, how = e.load()
 assert ok and how.endswith('_asan'), how
 print('sanitize: loaded', how)
 "
+# The single-adapter op (test_cpp_kernels, test_op_validation) and the mixed-adapter op (test_mixed_op_validation
+# whole; test_mixed_edit's C++ tests: those whose id names cpp), then the fuzz tests of the C++ backend, both ops.
 # Left out: the tests that spawn their own builds or interpreters (a wheel build, the fallbacks when the
-# compiler or the extension is switched off), and the fuzz tests of the other backends (the cpp-against-Triton
-# mask test too: its cost is the Triton interpreter's, and dropout_is_repeatable[cpp] runs the same C++ path).
+# compiler or the extension is switched off), torch.compile with inductor (it compiles and loads C++ of its own),
+# and the fuzz and mixed tests of the other backends (the cpp-against-Triton mask test too: its cost is the
+# Triton interpreter's, and dropout_is_repeatable[cpp] runs the same C++ path).
 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_cpp_kernels.py tests/test_op_validation.py tests/test_fuzz.py \
-  -k "not wheel and not fallback_without and not switched_off and not mask_cpp_equals_triton and (cpp or not fuzz)"
+  tests/test_cpp_kernels.py tests/test_op_validation.py tests/test_mixed_op_validation.py tests/test_mixed_edit.py \
+  tests/test_fuzz.py \
+  -k "not wheel and not fallback_without and not switched_off and not mask_cpp_equals_triton and not inductor \
+      and (cpp or not (fuzz or test_mixed_edit))"

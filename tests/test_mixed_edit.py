@@ -499,9 +499,9 @@ def test_cpp_ops_check_their_own_inputs():
     call()
     with pytest.raises(ValueError, match=r"ranks must lie in \[0, r\] with r = 3"):
         call(ranks=torch.tensor([2, 4], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match=r"bias must be \[A, r\] = \[2, 3\]"):
+    with pytest.raises(ValueError, match=r"bias must be \[A, r\] = \[2, 3\]"):
         call(bias=t[2][:, :2].contiguous())
-    with pytest.raises(RuntimeError, match=r"kinds must be \[A\] = \[2\] Int"):
+    with pytest.raises(TypeError, match=r"kinds must be Int, got Long"):
         call(kinds=bank.kinds.long())
     with pytest.raises(ValueError, match="may_subtract=False but kinds"):
         call(may_subtract=False)
@@ -524,11 +524,11 @@ def test_triton_ops_check_their_own_inputs():
     h = torch.randn(2, 4, d, device=DEVICE)
     args = [h, torch.tensor([[0, 1], [2, 3]], device=DEVICE), torch.tensor([0, 0], device=DEVICE), *t, bank.kinds,
             bank.ranks, bank.dropout, 0, True, False, 0, 0, False]
-    with pytest.raises(ValueError, match=r"adapter_ids must be \[B\] = \[2\] or \[B, P\]"):
+    with pytest.raises(ValueError, match=r"adapter_ids must be \[B\] = \[2\] \(one per batch row\) or \[B, P\]"):
         torch.ops.reft_kernels.mixed_fwd(*args[:2], torch.tensor([0, 0, 0], device=DEVICE), *args[3:])
-    with pytest.raises(ValueError, match=r"weight must be \[1, 2, 16\]"):
+    with pytest.raises(ValueError, match=r"the bank's weight must be \[1, 2, 16\]"):
         torch.ops.reft_kernels.mixed_fwd(*args[:4], t[1][:, :1], *args[5:])
-    with pytest.raises(ValueError, match=r"ranks must be \[A\] = \[1\] torch.int32"):
+    with pytest.raises(TypeError, match=r"ranks must be torch.int32, got torch.int64"):
         torch.ops.reft_kernels.mixed_fwd(*args[:8], bank.ranks.long(), *args[9:])
 
 
@@ -545,7 +545,8 @@ def _op_args(impl, save):
     return hidden, pos, ids, t, bank
 
 
-@pytest.mark.parametrize("impl", ["reft_kernels"] + (["reft_kernels_cpp"] if DEVICE == "cpu" else []))
+@pytest.mark.parametrize("impl", ["reft_kernels"] + (["reft_kernels_cpp"] if DEVICE == "cpu" else []),
+                         ids=lambda ns: {"reft_kernels": "triton", "reft_kernels_cpp": "cpp"}[ns])
 @pytest.mark.parametrize("save", [0, 2])
 def test_opcheck(impl, save):
     hidden, pos, ids, t, bank = _op_args(impl, save)

@@ -955,7 +955,10 @@ if _backend.HAS_TRITON:
             base = a0.to(tl.int64) * Rd
             lc = tl.load(L + base + rr[:, None] * d + cols[None, :], mask=pm, other=0.0).to(tl.float32)
             if HAS_WEIGHT:
-                wc = tl.load(W + base + rr[:, None] * d + cols[None, :], mask=pm & sl0, other=0.0).to(tl.float32)
+                # (the mask compared to 0, not `pm & sl0`: Triton 3.9's interpreter types the scalar comparison
+                # sl0 as int32, and an int32 mask is refused by tl.load)
+                wc = tl.load(W + base + rr[:, None] * d + cols[None, :], mask=(pm & sl0) != 0,
+                             other=0.0).to(tl.float32)
             if DROPOUT:
                 p0 = tl.load(DROP + a0)
             acc_l = tl.zeros((R_PAD, BLOCK_D), tl.float32)
@@ -1025,9 +1028,12 @@ if _backend.HAS_TRITON:
         tl.store(GL + mat, acc_l, mask=full)
         if HAS_WEIGHT:
             tl.store(GW + mat, acc_w, mask=full)
-        tl.store(GB + rr, acc_b, mask=(rr < R) & first_cblk)
-        if HAS_PROJ_BIAS:
-            tl.store(GPB + rr, acc_pb, mask=(rr < R) & first_cblk)
+        # A branch on the scalar, not a mask `(rr < R) & first_cblk`: Triton 3.9's interpreter types the scalar
+        # comparison first_cblk as int32, and that mask reaches tl.store as int32 ("mask has unsupported dtype").
+        if first_cblk:
+            tl.store(GB + rr, acc_b, mask=rr < R)
+            if HAS_PROJ_BIAS:
+                tl.store(GPB + rr, acc_pb, mask=rr < R)
 
     @triton.jit
     def _mixed_bwd_fixup_kernel(
@@ -1187,6 +1193,7 @@ def mixed_fwd_triton(hidden, positions, adapter_ids, lift, weight, bias, proj_bi
     if N == 0 or d == 0:
         return saved, stats
     mode = _own_mode(g, rows_unique)
+    kinds, ranks, dropout = kinds.contiguous(), ranks.contiguous(), dropout.contiguous()  # (indexed by adapter)
     owner = _claim(g, positions, adapter_ids, ranks, A) if mode == 2 else kinds
     L, W, b, pb = _bank_args(lift, weight, bias, proj_bias)
     cfg = config or launch_config(hidden, R, g.P)
@@ -1233,6 +1240,8 @@ def mixed_bwd_triton(grad_out, positions, adapter_ids, rows, output, stats, lift
         return grad_hidden, gl, gw, gb, gpb
     cfg = config or launch_config(grad_out, R, g.P)
     mode = 2 if g.flat else 0
+    kinds, ranks, dropout = kinds.contiguous(), ranks.contiguous(), dropout.contiguous()  # (indexed by adapter)
+    stats = stats.contiguous()  # [N, 2, R_PAD], indexed by slot
     owner = _claim(g, positions, adapter_ids, ranks, A) if mode == 2 else kinds
     L = lift.contiguous()
     W = weight.contiguous() if weight is not None else L
@@ -1270,7 +1279,7 @@ def mixed_bwd_triton(grad_out, positions, adapter_ids, rows, output, stats, lift
     if recompute:
         u_strides = u.stride() if u.dim() == 3 else (0, *u.stride())
     else:
-        u_strides = (d, 0, 1)
+        u_strides = (u.stride(0), 0, u.stride(1))  # the saved rows [N, d], read through their strides
     gw_ptr, gpb_ptr = (gw if gw is not None else gl), (gpb if gpb is not None else gb)
     _mixed_bwd_main_kernel[(n_chunks, n_cblk)](
         grad_out, *g.hs, dx, *dxs, u, *u_strides, positions, *g.ps, L, W, kinds, ranks, dropout, stats, scratch,
@@ -1293,30 +1302,46 @@ def mixed_bwd_triton(grad_out, positions, adapter_ids, rows, output, stats, lift
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_op_inputs(x, x_name, positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout):
-    """The registered Triton ops' own checks: shapes, dtypes, devices (values are not read: no host sync)."""
-    if x.dim() == 2:
-        if positions.dim() != 1 or adapter_ids.shape != positions.shape:
-            raise ValueError(f"with {x_name} [n_tokens, d] (the flat layout) rows and adapter_ids must be [N], got "
-                             f"shapes {tuple(positions.shape)} and {tuple(adapter_ids.shape)}")
-    elif x.dim() == 3:
-        B = x.shape[0]
-        if positions.dim() != 2 or positions.shape[0] != B:
-            raise ValueError(f"positions must be [B, P] with B = {B}, got shape {tuple(positions.shape)}")
-        if tuple(adapter_ids.shape) not in ((B,), tuple(positions.shape)):
-            raise ValueError(f"adapter_ids must be [B] = [{B}] or [B, P] = {list(positions.shape)}, got shape "
-                             f"{tuple(adapter_ids.shape)}")
-    else:
-        raise ValueError(f"{x_name} must be [B, T, d] or [n_tokens, d], got shape {tuple(x.shape)}")
-    for name, t in (("positions", positions), ("adapter_ids", adapter_ids)):
+def _check_op_inputs(x, x_name, positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout, act,
+                     real: bool) -> int:
+    """The registered Triton ops' own checks, in the public functions' words (validation.py): shapes, dtypes,
+    devices, the act hint; values are not read (no host sync; the kernels treat out-of-range positions, rows
+    and ids as empty slots and clamp ranks to the bank's r). real: a call with data (not a fake), where
+    hidden's internal overlap can be checked. Returns N (the slots)."""
+    _v._need_tensor(x, x_name)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{x_name} must be [B, T, d] (batched) or [n_tokens, d] (flat), got shape {tuple(x.shape)}")
+    _v._need_kernel_float(x, x_name)
+    _v.check_triton_device(x, x_name)
+    if real and x_name == "hidden":
+        _v._check_no_internal_overlap(x)
+    flat = x.dim() == 2
+    pos_name = "rows (positions)" if flat else "positions"
+    for name, t in ((pos_name, positions), ("adapter_ids", adapter_ids)):
+        _v._need_tensor(t, name)
         if t.dtype not in _v.INDEX_DTYPES:
             raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on {x_name}'s device {x.device}, got {t.device}")
-    _v.check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, x)
-    for name, t in (("lift", lift), ("weight", weight), ("bias", bias), ("proj_bias", proj_bias)):
-        if t is not None and t.dtype not in _v.KERNEL_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16 for the fused kernels, got {t.dtype}")
+        _v._need_on(t, name, x, x_name)
+    if flat:
+        if positions.dim() != 1:
+            raise ValueError(f"with {x_name} [n_tokens, d] (the flat layout) the rows (positions) must be [N], got "
+                             f"shape {tuple(positions.shape)}")
+        if tuple(adapter_ids.shape) != tuple(positions.shape):
+            raise ValueError(f"adapter_ids must be [N] = {list(positions.shape)} (one per row), got shape "
+                             f"{tuple(adapter_ids.shape)}")
+        N = positions.shape[0]
+    else:
+        B = x.shape[0]
+        _v._check_positions_shape(positions, B, x_name)
+        if tuple(adapter_ids.shape) not in ((B,), tuple(positions.shape)):
+            raise ValueError(f"adapter_ids must be [B] = [{B}] (one per batch row) or [B, P] = {list(positions.shape)} "
+                             f"(one per slot), got shape {tuple(adapter_ids.shape)}")
+        N = B * positions.shape[1]
+    _v.check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, x, dtypes=_v.KERNEL_DTYPES)
+    if not -1 <= act <= 7:
+        raise ValueError(f"act must be -1 (each adapter's own, from kinds) or a fused activation code in [0, 7], "
+                         f"got {act}")
+    return N
 
 
 @torch.library.custom_op("reft_kernels::mixed_fwd", mutates_args={"hidden"})
@@ -1324,8 +1349,13 @@ def mixed_fwd_op(hidden: torch.Tensor, positions: torch.Tensor, adapter_ids: tor
                  weight: Optional[torch.Tensor], bias: torch.Tensor, proj_bias: Optional[torch.Tensor],
                  kinds: torch.Tensor, ranks: torch.Tensor, dropout: torch.Tensor, act: int, may_subtract: bool,
                  apply_dropout: bool, seed: int, save: int, rows_unique: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused mixed forward: edits hidden in place; returns (saved rows, per-slot stats) for the backward."""
-    _check_op_inputs(hidden, "hidden", positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout)
+    """Fused mixed forward: edits hidden in place; returns (saved rows, per-slot stats) for the backward. Validates
+    its arguments; whatever shares memory with hidden (positions, ids, a bank tensor) is read from a copy."""
+    _check_op_inputs(hidden, "hidden", positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout, act,
+                     real=True)
+    _v.check_save(save)
+    positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout = _v.own_copies(
+        hidden, positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout)
     saved, stats = mixed_fwd_triton(hidden, positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks,
                                     dropout, act, may_subtract, apply_dropout, seed, save, rows_unique)
     return (saved if saved is not None else hidden.new_empty((0,)),
@@ -1335,7 +1365,9 @@ def mixed_fwd_op(hidden: torch.Tensor, positions: torch.Tensor, adapter_ids: tor
 @mixed_fwd_op.register_fake
 def _(hidden, positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout, act, may_subtract,
       apply_dropout, seed, save, rows_unique):
-    N = positions.shape[0] if hidden.dim() == 2 else hidden.shape[0] * positions.shape[1]
+    N = _check_op_inputs(hidden, "hidden", positions, adapter_ids, lift, weight, bias, proj_bias, kinds, ranks, dropout,
+                         act, real=False)
+    _v.check_save(save)
     saved = hidden.new_empty((N, hidden.shape[-1]) if save >= 2 else (0,))
     stats = hidden.new_empty((N, 2, r_pad(lift.shape[1])) if save >= 1 else (0,), dtype=torch.float32)
     return saved, stats
@@ -1348,8 +1380,9 @@ def mixed_bwd_op(grad_out: torch.Tensor, positions: torch.Tensor, adapter_ids: t
                  dropout: torch.Tensor, act: int, may_subtract: bool, apply_dropout: bool, seed: int,
                  need_grad_hidden: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused mixed backward: (hidden gradient or empty, then the bank's fp32 gradients: lift, weight or empty,
-    bias, proj_bias or empty)."""
-    _check_op_inputs(grad_out, "grad_out", positions, adapter_ids, lift, weight, None, None, kinds, ranks, dropout)
+    bias, proj_bias or empty). Validates its arguments, the saved tensors included (their shapes index memory by
+    slot)."""
+    _check_bwd_op(grad_out, positions, adapter_ids, rows, output, stats, lift, weight, kinds, ranks, dropout, act)
     out = mixed_bwd_triton(grad_out, positions, adapter_ids, rows, output, stats, lift, weight, has_proj_bias, kinds,
                            ranks, dropout, act, may_subtract, apply_dropout, seed, need_grad_hidden)
     empty = grad_out.new_empty((0,), dtype=torch.float32)
@@ -1357,9 +1390,16 @@ def mixed_bwd_op(grad_out: torch.Tensor, positions: torch.Tensor, adapter_ids: t
             *(t if t is not None else empty for t in out[1:]))
 
 
+def _check_bwd_op(grad_out, positions, adapter_ids, rows, output, stats, lift, weight, kinds, ranks, dropout, act):
+    N = _check_op_inputs(grad_out, "grad_out", positions, adapter_ids, lift, weight, None, None, kinds, ranks, dropout,
+                         act, real=False)
+    _v.check_op_saved(rows, output, stats, grad_out, N, r_pad(lift.shape[1]), op="mixed")
+
+
 @mixed_bwd_op.register_fake
 def _(grad_out, positions, adapter_ids, rows, output, stats, lift, weight, has_proj_bias, kinds, ranks, dropout, act,
       may_subtract, apply_dropout, seed, need_grad_hidden):
+    _check_bwd_op(grad_out, positions, adapter_ids, rows, output, stats, lift, weight, kinds, ranks, dropout, act)
     A, R, d = lift.shape
     f = dict(dtype=torch.float32)
     return (grad_out.new_empty(grad_out.shape if need_grad_hidden else (0,)), grad_out.new_empty((A, R, d), **f),
@@ -1454,6 +1494,20 @@ def _hints(bank: AdapterBank) -> tuple[int, bool]:
     return act, any(s.subtract_proj for s in live)
 
 
+def _own_copies(hidden, positions, adapter_ids, bank: AdapterBank):
+    """positions, adapter_ids and the bank, each tensor replaced by a clone where it shares memory with hidden
+    (validation.own_copies: differentiable, so a bank tensor's gradient reaches what it viewed): the edit reads
+    them as they were before it wrote hidden, and so does the backward."""
+    tensors = (positions, adapter_ids, bank.lift, bank.weight, bank.bias, bank.proj_bias, bank.kinds, bank.ranks,
+               bank.dropout)
+    owned = _v.own_copies(hidden, *tensors)
+    if all(a is b for a, b in zip(tensors[2:], owned[2:])):
+        return owned[0], owned[1], bank
+    lift, weight, bias, proj_bias, kinds, ranks, dropout = owned[2:]
+    return owned[0], owned[1], dataclasses.replace(bank, lift=lift, weight=weight, bias=bias, proj_bias=proj_bias,
+                                                   kinds=kinds, ranks=ranks, dropout=dropout)
+
+
 def _run(hidden, positions, adapter_ids, bank, *, flat, rows_unique, training, backend, recompute, check_indices):
     _v.check_hidden_is_tensor(hidden)
     if not isinstance(bank, AdapterBank):
@@ -1490,6 +1544,8 @@ def _run(hidden, positions, adapter_ids, bank, *, flat, rows_unique, training, b
     _v.check_bank(bank.lift, bank.weight, bank.bias, bank.proj_bias, bank.kinds, bank.ranks, bank.dropout, hidden)
     bank.check()
     apply_dropout = bool(training) and bank.max_dropout > 0
+    if not cpp_eager and not compiling:  # (the C++ op does this itself; compiled graphs: the registered op)
+        positions, adapter_ids, bank = _own_copies(hidden, positions, adapter_ids, bank)
     if chosen == "torch":
         return mixed_edit_reference(hidden, positions, adapter_ids, bank, apply_dropout)
     if has_f64:

@@ -191,14 +191,15 @@ def check_adapter_ids(ids, positions: torch.Tensor, hidden: torch.Tensor, num_ad
     return ids.to(hidden.device, non_blocking=True) if ids.device != hidden.device else ids
 
 
-def check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, hidden: torch.Tensor) -> None:
+def check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, hidden: torch.Tensor,
+               dtypes=PARAM_DTYPES) -> None:
     """The bank's tensors agree with each other and with hidden: lift and weight [A, r, d] with hidden's d,
-    bias and proj_bias [A, r], kinds and ranks [A] int32, dropout [A] float32, all on hidden's device (weight,
-    bias and proj_bias may be None: the backward has no bias)."""
+    bias and proj_bias [A, r] (float, in `dtypes`), kinds and ranks [A] int32, dropout [A] float32, all on
+    hidden's device (weight, bias and proj_bias may be None: the backward has no bias)."""
     d = hidden.shape[-1]
     _need_tensor(lift, "lift")
-    if lift.dim() != 3 or lift.shape[2] != d or lift.shape[1] < 1:
-        raise ValueError(f"the bank's lift must be [A, r, d] with d = {d} (hidden's) and r >= 1, got shape "
+    if lift.dim() != 3 or lift.shape[2] != d or lift.shape[0] < 1 or lift.shape[1] < 1:
+        raise ValueError(f"the bank's lift must be [A, r, d] with d = {d} (hidden's), A >= 1 and r >= 1, got shape "
                          f"{tuple(lift.shape)}")
     A, R, _ = lift.shape
     for name, x, shape in (("weight", weight, (A, R, d)), ("bias", bias, (A, R)), ("proj_bias", proj_bias, (A, R))):
@@ -210,11 +211,13 @@ def check_bank(lift, weight, bias, proj_bias, kinds, ranks, dropout, hidden: tor
                              f"{tuple(x.shape)}")
     for name, x, dt in (("kinds", kinds, torch.int32), ("ranks", ranks, torch.int32), ("dropout", dropout, torch.float32)):
         _need_tensor(x, name)
-        if tuple(x.shape) != (A,) or x.dtype != dt:
-            raise ValueError(f"the bank's {name} must be [A] = [{A}] {dt}, got shape {tuple(x.shape)} {x.dtype}")
+        if tuple(x.shape) != (A,):
+            raise ValueError(f"the bank's {name} must be [A] = [{A}], got shape {tuple(x.shape)}")
+        if x.dtype != dt:
+            raise TypeError(f"the bank's {name} must be {dt}, got {x.dtype}")
     for name, x in (("lift", lift), ("weight", weight), ("bias", bias), ("proj_bias", proj_bias)):
         if x is not None:
-            _need_float(x, f"the bank's {name}", PARAM_DTYPES)
+            _need_float(x, f"the bank's {name}", dtypes)
     for name, x in (("lift", lift), ("weight", weight), ("bias", bias), ("proj_bias", proj_bias), ("kinds", kinds),
                     ("ranks", ranks), ("dropout", dropout)):
         if x is not None and x.device != hidden.device:
@@ -332,12 +335,12 @@ def check_op_vector(x, name: str, hidden: torch.Tensor, r: int) -> None:
     _need_kernel_float(x, name)
 
 
-def check_op_saved(rows, output, stats, grad_out: torch.Tensor, N: int, r_pad: int) -> None:
-    """What edit_bwd reads by slot: stats [N, 2, r_pad] fp32 and the saved rows [N, d] or the forward's
-    output [B, T, d] (recompute), with exactly the forward's shapes."""
+def check_op_saved(rows, output, stats, grad_out: torch.Tensor, N: int, r_pad: int, op: str = "edit") -> None:
+    """What edit_bwd (op="mixed": mixed_bwd) reads by slot: stats [N, 2, r_pad] fp32 and the saved rows [N, d] or
+    the forward's output (recompute, grad_out's shape), with exactly the forward's shapes."""
     _need_tensor(stats, "stats")
     if tuple(stats.shape) != (N, 2, r_pad) or stats.dtype != torch.float32:
-        raise ValueError(f"stats must be [N, 2, r_pad] = [{N}, 2, {r_pad}] float32 (edit_fwd's output with save >= 1), "
+        raise ValueError(f"stats must be [N, 2, r_pad] = [{N}, 2, {r_pad}] float32 ({op}_fwd's output with save >= 1), "
                          f"got {tuple(stats.shape)} {stats.dtype}")
     _need_on(stats, "stats", grad_out, "grad_out")
     if rows is not None:
@@ -347,10 +350,10 @@ def check_op_saved(rows, output, stats, grad_out: torch.Tensor, N: int, r_pad: i
                              f"{tuple(rows.shape)} {rows.dtype}")
         _need_on(rows, "rows", grad_out, "grad_out")
     elif output is None:
-        raise ValueError("edit_bwd needs the saved rows [N, d] or the op's output (recompute) [B, T, d]")
+        raise ValueError(f"{op}_bwd needs the saved rows [N, d] or the op's output (recompute) of grad_out's shape")
     else:
         if output.shape != grad_out.shape or output.dtype != grad_out.dtype:
-            raise ValueError(f"output must be [B, T, d] = {list(grad_out.shape)} in grad_out's dtype {grad_out.dtype}, "
+            raise ValueError(f"output must be grad_out's shape {list(grad_out.shape)} and dtype {grad_out.dtype}, "
                              f"got {tuple(output.shape)} {output.dtype}")
         _need_on(output, "output", grad_out, "grad_out")
 
