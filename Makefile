@@ -18,7 +18,8 @@ NEW_TRITON ?= triton==3.9.0
 # What runs there: the tests of the Triton kernels (the ids of backend-parametrized tests name it), less the
 # two orthonormal training loops (kernels the other tests cover; ~2 min under the interpreter)
 NEW_TRITON_TESTS ?= tests/test_fused_edit.py tests/test_orthonormal.py tests/test_dropout.py \
-	tests/test_op_validation.py tests/test_fuzz.py tests/test_compile_sm90.py
+	tests/test_op_validation.py tests/test_fuzz.py tests/test_compile_sm90.py \
+	tests/test_mixed_edit.py tests/test_mixed_op_validation.py
 NEW_TRITON_SELECT ?= (triton and not weight_decay and not reloaded_checkpoint) or kernels_compile_for_sm90
 # The Hugging Face integration is also tested against transformers 4.45.1 (layers return tuples there;
 # 5.x returns tensors) in a second environment, which also holds the real pyreft 0.1.0 / pyvene 0.1.8

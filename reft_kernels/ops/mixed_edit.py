@@ -210,9 +210,10 @@ class AdapterBank:
         for name, meta in (("specs", self.specs), ("host_ranks", self.host_ranks), ("host_dropout", self.host_dropout)):
             if len(meta) != A:
                 raise ValueError(f"the bank's {name} has {len(meta)} entries for A = {A} adapters")
-        bad = [r for r in self.host_ranks if not 0 <= r <= R]
-        if bad:
-            raise ValueError(f"ranks must lie in [0, r] with r = {R} (the bank's rank), got {bad[0]}")
+        # min / max run in C: every call checks the whole bank, and a server's bank holds hundreds of slots
+        if A and not (0 <= min(self.host_ranks) and max(self.host_ranks) <= R):
+            bad = next(r for r in self.host_ranks if not 0 <= r <= R)
+            raise ValueError(f"ranks must lie in [0, r] with r = {R} (the bank's rank), got {bad}")
 
     # -- a serving bank: allocated once, slots loaded and cleared in place ---------------------------
 
@@ -1106,7 +1107,15 @@ def gpu_launch_config(d: int, r: int, P: int) -> LaunchConfig:
     64 x 128 by 160-2832 bytes, its backward step 2 at 16 x 256 by 3-8 KB). Swept at d = 4096, fp32 and bf16,
     the generic variant (types and activation per adapter, dropout): forward tiles 32 x 64 (16 x 64 from
     r_pad = 64), 8 warps; backward step 1 (tiles) 16 x 256 (16 x 64 from r_pad = 64), 4 warps; step 2 column
-    blocks of 64 / 32 / 16 for r_pad 16 / 32 / 64, 8 warps. Not timed: the GPU figures are owed
+    blocks of 64 / 32 / 16 for r_pad 16 / 32 / 64, 8 warps.
+
+    The register allocation differs between Triton releases: under Triton 3.9 (what pip gives today) the
+    backward step 1's generic variant spills 220-568 bytes at 16 x 256 / 4 warps (and 340 at 16 x 64 for
+    r_pad = 64), and the row-resident step 1 at d = 8192 spills 24-32 bytes at 8 warps, none of which spill
+    under 3.6. Swept again under 3.9 (block_d 32-256 x 4 / 8 warps): step 1 takes 16 x 128 with 8 warps
+    (16 x 64, 8 warps from r_pad = 64) and the row-resident kernels 16 warps from d = 8192, spill-free
+    there; the 3.6 choices spill under 3.9 and the reverse. So the tiles follow the installed release
+    (3.7 and 3.8, never compiled here, take 3.9's). Not timed: the GPU figures are owed
     (bench/bench_adapters.py produces them on a GPU)."""
     base = _fe.gpu_launch_config(d, r, P)
     rp = r_pad(r)
@@ -1117,7 +1126,23 @@ def gpu_launch_config(d: int, r: int, P: int) -> LaunchConfig:
         fwd_block_n=32 if rp <= 32 else 16, fwd_block_d=max(16, min(64, dp)), fwd_warps=8, fwd_stages=3,
         bwd_block_n=16, bwd_block_d=max(16, min(64 * 16 // rp, dp)), bwd_warps=8, bwd_stages=3,
         step1_block_d=max(16, min(256 if rp <= 32 else 64, dp)), step1_warps=4)
+    if _NEWER_PTXAS_TILES:
+        fields.update(rows_warps=16 if dp >= 8192 else fields["rows_warps"],
+                      step1_block_d=max(16, min(128 if rp <= 32 else 64, dp)), step1_warps=8)
     return LaunchConfig(**fields)
+
+
+def _triton_release() -> tuple[int, int]:
+    if not _backend.HAS_TRITON:
+        return (0, 0)
+    import triton
+
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return major, minor
+
+
+# Which tile table gpu_launch_config takes (its docstring says why the Triton release matters).
+_NEWER_PTXAS_TILES = _triton_release() >= (3, 7)
 
 
 def launch_config(hidden: torch.Tensor, r: int, P: int) -> _fe.LaunchConfig:
