@@ -412,6 +412,36 @@ def test_serving_bank_set_and_clear_slots(backend):
     assert bank.spec == fused_edit.EditSpec(True, False, "tanh") and bank.host_ranks == (0, 0, 0, 4, 0)
 
 
+class _CountingTuple(tuple):
+    """A metadata tuple that counts how often it is walked."""
+
+    walks = 0
+
+    def __iter__(self):
+        type(self).walks += 1
+        return super().__iter__()
+
+
+def test_calls_do_not_walk_the_bank_metadata_each_time():
+    """A call's bank checks and hints are derived once per version of the host metadata (no per-call loop over
+    the adapters: a server's bank holds hundreds of slots), and a changed slot is seen at once."""
+    gen = torch.Generator().manual_seed(11)
+    d, A = 16, 300
+    bank = rk.AdapterBank.empty(A, 2, d)
+    ad = make_adapter("loreft", 2, d, gen)
+    bank.set_slot(7, rk.AdapterParams(ad["lift"].float(), ad["weight"].float(), ad["bias"].float(), None,
+                                      fused_edit.EditSpec(True, True, "identity")))
+    hidden, rows, ids = torch.randn(8, d), torch.tensor([1, 3]), torch.tensor([7, -1])
+    bank.host_ranks = _CountingTuple(bank.host_ranks)
+    bank.host_dropout = _CountingTuple(bank.host_dropout)
+    for _ in range(5):
+        rk.mixed_reft_edit_flat(hidden.clone(), rows, ids, bank, backend="torch")
+    assert _CountingTuple.walks <= 2, f"the bank's metadata was walked {_CountingTuple.walks} times in 5 calls"
+    bank.host_ranks = tuple(bank.host_ranks[:3]) + (5,) + tuple(bank.host_ranks[4:])  # a rank above the bank's
+    with pytest.raises(ValueError, match=r"ranks must lie in \[0, r\] with r = 2"):
+        rk.mixed_reft_edit_flat(hidden.clone(), rows, ids, bank, backend="torch")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_of_range_indices_edit_nothing_when_unchecked(backend):
     """With the value checks off (as on a GPU), ids outside [0, A) and rows outside [0, n_tokens) are empty

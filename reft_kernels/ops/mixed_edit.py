@@ -145,6 +145,28 @@ def _common_spec(specs: Sequence[Optional[EditSpec]]) -> Optional[EditSpec]:
     return live.pop() if len(live) == 1 else None
 
 
+# What every call derives from a bank's host metadata (the rank check, the largest dropout, the kernels'
+# hints), computed once per version of it: specs / host_ranks / host_dropout are tuples, replaced whole when a
+# slot changes, so a result holds while its tuples are the ones a bank holds. No per-call loop over the
+# adapters: with the scan per call, a call on a serving bank took 26 -> 46 us from A = 8 to 512 (C++ op, 8
+# rows, one thread); with this, 33 -> 36 us (same run conditions, a shared 2-core machine).
+_DERIVED: dict = {}
+
+
+def _derived(key: str, source: tuple, compute):
+    """compute() for these metadata tuples (compared by identity; the entry keeps them alive, so their ids
+    stay theirs). Bounded: cleared at 4096 entries."""
+    k = (key, *map(id, source))
+    hit = _DERIVED.get(k)
+    if hit is not None and all(a is b for a, b in zip(hit[0], source)):
+        return hit[1]
+    value = compute()
+    if len(_DERIVED) >= 4096:
+        _DERIVED.clear()
+    _DERIVED[k] = (source, value)
+    return value
+
+
 @dataclass
 class AdapterBank:
     """The parameters of A adapters at one site, stacked (module docstring). Build one with stack_adapters
@@ -185,7 +207,7 @@ class AdapterBank:
 
     @property
     def max_dropout(self) -> float:
-        return max(self.host_dropout, default=0.0)
+        return _derived("max_dropout", (self.host_dropout,), lambda: max(self.host_dropout, default=0.0))
 
     @property
     def fused(self) -> bool:
@@ -210,9 +232,10 @@ class AdapterBank:
         for name, meta in (("specs", self.specs), ("host_ranks", self.host_ranks), ("host_dropout", self.host_dropout)):
             if len(meta) != A:
                 raise ValueError(f"the bank's {name} has {len(meta)} entries for A = {A} adapters")
-        # min / max run in C: every call checks the whole bank, and a server's bank holds hundreds of slots
-        if A and not (0 <= min(self.host_ranks) and max(self.host_ranks) <= R):
-            bad = next(r for r in self.host_ranks if not 0 <= r <= R)
+        # scanned once per version of host_ranks (_derived): every call checks the bank
+        bad = _derived(f"bad_rank_{R}", (self.host_ranks,),
+                           lambda: next((r for r in self.host_ranks if not 0 <= r <= R), None))
+        if bad is not None:
             raise ValueError(f"ranks must lie in [0, r] with r = {R} (the bank's rank), got {bad}")
 
     # -- a serving bank: allocated once, slots loaded and cleared in place ---------------------------
@@ -1513,10 +1536,14 @@ def _hints(bank: AdapterBank) -> tuple[int, bool]:
     (a serving bank) always (-1, True): read per adapter at run time."""
     if bank.dynamic:
         return -1, True
-    live = [s for s in bank.specs if s is not None]
-    acts = {s.act for s in live}
-    act = _acts.SUPPORTED[acts.pop()] if len(acts) == 1 and bank.fused else (0 if not acts else -1)
-    return act, any(s.subtract_proj for s in live)
+
+    def compute():
+        live = [s for s in bank.specs if s is not None]
+        acts = {s.act for s in live}
+        act = _acts.SUPPORTED[acts.pop()] if len(acts) == 1 and bank.fused else (0 if not acts else -1)
+        return act, any(s.subtract_proj for s in live)
+
+    return _derived("hints", (bank.specs, bank.extra_acts), compute)
 
 
 def _own_copies(hidden, positions, adapter_ids, bank: AdapterBank):
