@@ -19,8 +19,8 @@ If both fail (no compiler, no sources in the install), `available()` is False, o
 every op still works through the Triton or torch backends.
 
 REFT_KERNELS_SANITIZE=1 builds and loads instead an AddressSanitizer + UndefinedBehaviorSanitizer build
-under its own name (jit_name() + "_asan", so it never replaces the normal build in the cache); the process
-must have libasan preloaded (`make sanitize`, scripts/sanitize.sh).
+under its own name (jit_name() + "_asan", then the build key: it never replaces the normal build in the
+cache); the process must have libasan preloaded (`make sanitize`, scripts/sanitize.sh).
 
 The JIT build targets the widest x86 ISA torch finds on this CPU (AVX2/FMA/F16C or AVX-512). The ISA is
 part of the extension's name, so a cache shared between different machines never runs a binary built for

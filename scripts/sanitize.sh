@@ -2,7 +2,7 @@
 # `make sanitize`: the C++ CPU kernels (csrc/) under AddressSanitizer + UndefinedBehaviorSanitizer.
 #
 # REFT_KERNELS_SANITIZE=1 makes reft_kernels.extension build csrc/ with -fsanitize=address,undefined under its
-# own extension name (reft_kernels_cpp_<isa>_asan, cached beside the normal build, never replacing it) and load
+# own extension name (reft_kernels_cpp_<isa>_asan_<key>, cached beside the normal build, never replacing it) and load
 # that build. Then the C++ tests, the registered ops' refusals (single- and mixed-adapter) and a batch of
 # property-based cases (tests/test_fuzz.py, the cpp backend, both ops) run through it. Any ASan report or UBSan finding aborts the process,
 # so the run fails.
@@ -48,9 +48,10 @@ export REFT_FUZZ_EXAMPLES="${FUZZ_EXAMPLES:-300}"  # per fuzz test (the CI profi
 
 # the sanitized build loads (and says which it is) before any test runs
 "$PY" -c "
+import re
 import reft_kernels.extension as e
 ok, how = e.load()
-assert ok and how.endswith('_asan'), how
+assert ok and re.search(r'_asan(_[0-9a-f]+)?$', how), how  # the name ends _asan, then the build key
 print('sanitize: loaded', how)
 "
 # The single-adapter op (test_cpp_kernels, test_op_validation) and the mixed-adapter op (test_mixed_op_validation
