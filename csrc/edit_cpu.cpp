@@ -296,11 +296,7 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
   const int64_t N = B * P, rp = r_pad(r);
   const int act_id = act_code(std::string(act));
   // the saved tensors index memory by slot: their shapes must be exactly the forward's
-  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat && stats.dim() == 3 && stats.size(0) == N &&
-                        stats.size(1) == 2 && stats.size(2) == rp && stats.device() == grad_out.device(),
-                    "stats must be [N, 2, r_pad] = [", N, ", 2, ", rp, "] float32 on ", grad_out.device(),
-                    " (edit_fwd's output with save >= 1), got ", stats.sizes(), " ", stats.scalar_type(), " on ",
-                    stats.device());
+  reft_checks::check_saved_stats(stats, grad_out, N, rp, "edit");
   const int64_t n_mats = source_linear ? 2 : 1, M = n_mats * r * d + (has_proj_bias ? 2 : 1) * r;
   at::Tensor grads = at::empty({M}, grad_out.options().dtype(at::kFloat));  // written by edit_bwd_rows
   at::Tensor grad_hidden = need_grad_hidden ? at::empty({B, T, d}, grad_out.options()) : at::empty({0}, grad_out.options());
@@ -309,17 +305,8 @@ std::tuple<at::Tensor, at::Tensor> edit_bwd_cpu(
     if (need_grad_hidden) grad_hidden.copy_(grad_out);
     return {grad_hidden, grads};
   }
+  reft_checks::check_saved_rows(rows, output, grad_out, N, d, "edit");
   const bool recompute = !rows.has_value() || !rows->defined();
-  TORCH_CHECK_VALUE(!recompute || (output.has_value() && output->defined() && output->sizes() == grad_out.sizes() &&
-                                   output->scalar_type() == grad_out.scalar_type() &&
-                                   output->device() == grad_out.device()),
-                    "edit_bwd needs the saved rows [N, d] or the op's output (recompute) [B, T, d] in grad_out's "
-                    "dtype and device; got output ", output.has_value() && output->defined() ? output->sizes()
-                                                                                               : c10::IntArrayRef{});
-  TORCH_CHECK_VALUE(recompute || (rows->dim() == 2 && rows->size(0) == N && rows->size(1) == d &&
-                                  rows->scalar_type() == grad_out.scalar_type() && rows->device() == grad_out.device()),
-                    "rows must be [N, d] = [", N, ", ", d, "] in grad_out's dtype and device, got ", rows->sizes(), " ",
-                    rows->scalar_type());
   const std::vector<int64_t> row_of_slot = slot_rows(positions, T);
   const at::Tensor L = as_fp32(lift);
   const at::Tensor W = source_linear ? as_fp32(*weight) : at::Tensor();

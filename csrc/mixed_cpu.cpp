@@ -585,22 +585,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_bwd
   check_hints(bk, act, may_subtract);
   const int64_t N = L.B * L.P, d = L.d;
   // the saved tensors are indexed by slot: exactly the forward's shapes (strides are free: read through a copy)
-  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat && stats.dim() == 3 && stats.size(0) == N &&
-                        stats.size(1) == 2 && stats.size(2) == bk.rp && stats.device() == grad_out.device(),
-                    "stats must be [N, 2, r_pad] = [", N, ", 2, ", bk.rp, "] float32 on ", grad_out.device(),
-                    " (mixed_fwd's output with save >= 1), got ", stats.sizes(), " ", stats.scalar_type(), " on ",
-                    stats.device());
+  reft_checks::check_saved_stats(stats, grad_out, N, bk.rp, "mixed");
+  reft_checks::check_saved_rows(rows, output, grad_out, N, d, "mixed");
   const bool recompute = !rows.has_value() || !rows->defined();
-  TORCH_CHECK_VALUE(!recompute || (output.has_value() && output->defined() && output->sizes() == grad_out.sizes() &&
-                                   output->scalar_type() == grad_out.scalar_type() &&
-                                   output->device() == grad_out.device()),
-                    "mixed_bwd needs the saved rows [N, d] or the op's output (recompute) of grad_out's shape, dtype "
-                    "and device; got output ", output.has_value() && output->defined() ? output->sizes()
-                                                                                      : c10::IntArrayRef{});
-  TORCH_CHECK_VALUE(recompute || (rows->dim() == 2 && rows->size(0) == N && rows->size(1) == d &&
-                                  rows->scalar_type() == grad_out.scalar_type() && rows->device() == grad_out.device()),
-                    "rows must be [N, d] = [", N, ", ", d, "] in grad_out's dtype and device (mixed_fwd's saved rows), "
-                    "got ", rows->sizes(), " ", rows->scalar_type(), " on ", rows->device());
   Grads grads = new_grads(bk, bk.A, grad_out.options());
   at::Tensor grad_hidden = need_grad_hidden ? at::empty(grad_out.sizes(), grad_out.options())
                                             : at::empty({0}, grad_out.options());

@@ -106,6 +106,33 @@ inline void check_dropout(double dropout) {
   TORCH_CHECK_VALUE(dropout >= 0.0 && dropout < 1.0, "dropout must lie in [0, 1), got ", dropout);  // (NaN fails)
 }
 
+// What a backward reads by slot (op: "edit" or "mixed", for the messages): the forward's stats [N, 2, r_pad]
+// float32, and its saved rows [N, d] or, recomputing, its output of grad_out's shape; exactly the forward's
+// shapes, since they index memory (strides are free).
+inline void check_saved_stats(const at::Tensor& stats, const at::Tensor& grad_out, int64_t N, int64_t rp,
+                              const char* op) {
+  TORCH_CHECK_VALUE(stats.scalar_type() == at::kFloat && stats.dim() == 3 && stats.size(0) == N &&
+                        stats.size(1) == 2 && stats.size(2) == rp && stats.device() == grad_out.device(),
+                    "stats must be [N, 2, r_pad] = [", N, ", 2, ", rp, "] float32 on ", grad_out.device(), " (", op,
+                    "_fwd's output with save >= 1), got ", stats.sizes(), " ", stats.scalar_type(), " on ",
+                    stats.device());
+}
+
+inline void check_saved_rows(const std::optional<at::Tensor>& rows, const std::optional<at::Tensor>& output,
+                             const at::Tensor& grad_out, int64_t N, int64_t d, const char* op) {
+  const bool recompute = !rows.has_value() || !rows->defined();
+  TORCH_CHECK_VALUE(!recompute || (output.has_value() && output->defined() && output->sizes() == grad_out.sizes() &&
+                                   output->scalar_type() == grad_out.scalar_type() &&
+                                   output->device() == grad_out.device()),
+                    op, "_bwd needs the saved rows [N, d] or the op's output (recompute) of grad_out's shape, dtype "
+                    "and device; got output ", output.has_value() && output->defined() ? output->sizes()
+                                                                                      : c10::IntArrayRef{});
+  TORCH_CHECK_VALUE(recompute || (rows->dim() == 2 && rows->size(0) == N && rows->size(1) == d &&
+                                  rows->scalar_type() == grad_out.scalar_type() && rows->device() == grad_out.device()),
+                    "rows must be [N, d] = [", N, ", ", d, "] in grad_out's dtype and device (", op,
+                    "_fwd's saved rows), got ", rows->sizes(), " ", rows->scalar_type(), " on ", rows->device());
+}
+
 // hidden, when the edit needs its gradient: written in place, which autograd forbids on a leaf that requires
 // grad and on a view of one (torch's own error would name neither the argument nor the way out).
 inline void check_not_leaf(const at::Tensor& hidden) {
