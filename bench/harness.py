@@ -114,6 +114,13 @@ def as_nonleaf(tensor: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
+def check_bench_data(tensors) -> None:
+    """The timed inputs are random data that stayed finite (timings on inf/NaN or on zeros are not valid)."""
+    for h in tensors:
+        assert torch.isfinite(h).all(), "benchmark data blew up: timings on inf/NaN are not valid"
+        assert h.abs().amax() > 0, "benchmark data is all zeros"
+
+
 def add_model_args(ap, what: str = "model dtype") -> None:
     """--dtype and --out, shared by the model-level suites (train_step, generate, pyreft_dropin)."""
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=f"{what} (default bf16 GPU, fp32 CPU)")
